@@ -1,0 +1,277 @@
+"""The torch backend: readable PyTorch for the generalised loss and its analytical gradient.
+
+It is the CPU path and the oracle for the Triton kernels. It follows spec section 3 literally,
+row chunk by row chunk so that no more than a few fp32 copies of one chunk are alive at a time:
+
+    w_y = pi_y ** (1 - (1 - pi_y) ** beta)   (power)   or   (1 - pi_y) ** beta   (focal)
+    w_a = lambda_head * pi_a  (a in K, a != y),   w_a = lambda_tail * pi_a  (a not in K, a != y)
+    w_a <- c_y (1 - eps) w_a + c_a eps / V
+    loss = -sum_a w_a log pi_a + zeta lse**2
+    dloss/dz_j = pi_j W - w_j + 2 zeta lse pi_j,   W = sum_a w_a
+
+The forward pass returns the per-row loss and a few per-row numbers (``RowState``); the backward
+pass recomputes pi from the saved lse and writes the gradient once, already scaled by the incoming
+per-row gradient. Nothing of size (N, V) lives between the two passes. The Triton backend keeps
+the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .config import LossParams
+
+LOG_TINY = math.log(2.0**-149)
+"""log of fp32's smallest subnormal: 1 - pi_y below this is 0 in fp32, so log(1 - pi_y) is clamped
+here instead of becoming -inf (which would turn 0 * inf into NaN in the weights)."""
+
+LOG_WEIGHT_MAX = 80.0
+"""The focal reward (1 - pi_y) ** beta diverges as pi_y -> 1 for beta < 0; w_y is capped at e**80.
+Only the product w_y * (1 - pi_y), which stays <= 1, enters the target gradient."""
+
+CHUNK_ELEMENTS = 1 << 21
+"""Rows are processed in chunks of about this many logits (8 MiB per fp32 temporary)."""
+
+
+class RowState(NamedTuple):
+    """Per-row numbers saved by the forward pass for the backward pass, all shaped (rows,).
+
+    The gradient of row r is  g_j = pi_j (coef - scale * lambda_j) - smooth * c_j  for j != y and
+    g_y = grad_target, where lambda_j is lambda_head inside the head K and lambda_tail outside it.
+    An ignored row has every field 0, so its gradient is 0.
+    """
+
+    lse: torch.Tensor  # logsumexp of the (soft-capped) logits
+    coef: torch.Tensor  # W + 2 zeta lse
+    scale: torch.Tensor  # c_y (1 - eps)
+    smooth: torch.Tensor  # eps / V
+    grad_target: torch.Tensor  # the target column's gradient, formed without cancellation
+    threshold: torch.Tensor  # the k-th largest raw logit (head rows only)
+    last_tie: torch.Tensor  # index of the last logit equal to threshold that is still in K
+
+
+class RowStats(NamedTuple):
+    """Free per-row diagnostics (fp32, shaped like the unreduced loss)."""
+
+    entropy: torch.Tensor  # H = -sum_a pi_a log pi_a
+    lse: torch.Tensor  # logsumexp of the (soft-capped) logits
+    target_rank: torch.Tensor  # 1-based rank of the target among the raw logits (0 if ignored)
+    topk_mass: torch.Tensor  # probability mass of the k largest logits
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """All arithmetic in fp32, or fp64 for fp64 logits."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_softcap(x: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """z = s tanh(x / s); -inf stays -inf (padding must not become -s)."""
+    if softcap is None:
+        return x
+    return torch.where(x == -math.inf, x, softcap * torch.tanh(x / softcap))
+
+
+def softcap_derivative(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    """dz/dx = 1 - tanh(x / s)**2."""
+    return 1.0 - torch.tanh(x / softcap).square()
+
+
+def target_weight(
+    log_pi_y: torch.Tensor, log1m_pi_y: torch.Tensor, beta: float, positive_reward: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shaped ground-truth weight w_y and the two products the loss and gradient need.
+
+    Args: log pi_y and log(1 - pi_y), shaped (rows,); the second computed from the mass of the
+    other tokens so that it is accurate when pi_y -> 1.
+    Returns (w_y, w_y * (1 - pi_y), -w_y * log pi_y), each formed in log space so that none of
+    them is inf * 0 when pi_y is 0 or 1.
+    """
+    log1m = log1m_pi_y.clamp(min=LOG_TINY)
+    # log pi_y = log1p(-(1 - pi_y)) is the accurate form when pi_y > 1/2.
+    log_pi = torch.where(log1m < -math.log(2.0), torch.log1p(-torch.exp(log1m)), log_pi_y)
+    log_neg_log_pi = torch.log(-log_pi)  # -inf when pi_y rounds to 1
+    if beta == 0.0:
+        log_w = torch.zeros_like(log_pi)
+    elif positive_reward == "focal":
+        log_w = beta * log1m
+    else:
+        # log w_y = log pi_y * (1 - (1 - pi_y)**beta). For pi_y > 1/2 write it as
+        # log pi_y + exp(log(-log pi_y) + beta log(1 - pi_y)), finite even when (1 - pi_y)**beta
+        # overflows; below, -expm1 keeps 1 - (1 - pi_y)**beta accurate. pi_y = 0 gives the limit 0.
+        near_one = log_pi + torch.exp(log_neg_log_pi + beta * log1m)
+        elsewhere = torch.where(log1m == 0.0, 0.0, log_pi * -torch.expm1(beta * log1m))
+        log_w = torch.where(log1m < -math.log(2.0), near_one, elsewhere)
+    log_w = log_w.clamp(max=LOG_WEIGHT_MAX)
+    return log_w.exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
+
+
+def head_mask(
+    x: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k head K of each row with the spec's tie rule (stable descending order).
+
+    x: raw logits (rows, V). Returns (mask (rows, V) bool, threshold (rows,), last_tie (rows,)):
+    K holds every logit above the k-th largest value ``threshold`` and, of those equal to it, the
+    ones at index <= ``last_tie`` (lower vocabulary index first).
+    """
+    threshold = x.topk(k, dim=-1, sorted=False).values.amin(-1)
+    above = x > threshold[:, None]
+    ties = x == threshold[:, None]
+    ties_wanted = k - above.sum(-1)
+    # Index of the ties_wanted-th tie: the number of positions whose running tie count is below it.
+    last_tie = (ties.cumsum(-1) < ties_wanted[:, None]).sum(-1)
+    return in_head(x, threshold, last_tie), threshold, last_tie
+
+
+def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
+    """Membership of K from the saved threshold and last tie index (see ``head_mask``)."""
+    index = torch.arange(x.shape[-1], device=x.device)
+    return (x > threshold[:, None]) | ((x == threshold[:, None]) & (index <= last_tie[:, None]))
+
+
+def target_rank(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 + #{a : x_a > x_y or (x_a == x_y and a < y)}; x (rows, V) raw logits, target (rows,)."""
+    x_y = x.gather(1, target[:, None])
+    index = torch.arange(x.shape[-1], device=x.device)
+    before = (x > x_y) | ((x == x_y) & (index < target[:, None]))
+    return 1 + before.sum(-1)
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _xlogy_safe(weight: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """weight * log_p with 0 * -inf = 0 (a token of probability 0 that carries no weight)."""
+    return torch.where(weight == 0, 0.0, weight * log_p)
+
+
+def forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: LossParams,
+    with_stats: bool,
+) -> tuple[torch.Tensor, RowState, RowStats | None]:
+    """Loss per row and the state the backward pass needs.
+
+    logits: (rows, V) float; target: (rows,) int64 with ignore_index for ignored rows;
+    weight: (V,) class weights or None. Returns (loss (rows,) in the compute dtype, state, stats).
+    """
+    rows, vocab = logits.shape
+    reward = params.reward
+    eps = params.label_smoothing
+    cdt = compute_dtype(logits.dtype)
+    needs_rank = reward.needs_rank(vocab)
+    class_weight = None if weight is None else weight.to(cdt)
+    class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
+
+    loss = torch.empty(rows, dtype=cdt, device=logits.device)
+    state = RowState(*(torch.zeros(rows, dtype=cdt, device=logits.device) for _ in range(6)),
+                     torch.zeros(rows, dtype=torch.long, device=logits.device))
+    stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
+
+    for chunk in _row_chunks(rows, vocab):
+        x = logits[chunk].to(cdt)
+        valid = target[chunk] != params.ignore_index
+        valid_c = valid.to(cdt)
+        y = torch.where(valid, target[chunk], 0)[:, None]
+        z = apply_softcap(x, params.softcap)
+
+        lse = torch.logsumexp(z, dim=-1)
+        log_p = z - lse[:, None]
+        p = log_p.exp()
+        log_pi_y = log_p.gather(1, y)[:, 0]
+        p_others = p.scatter(1, y, 0.0)
+        # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
+        log1m_pi_y = p_others.sum(-1).log()
+        w_y, w_y_times_1m, target_term = target_weight(
+            log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
+        )
+
+        head = None
+        if needs_rank or with_stats:
+            head, threshold, last_tie = head_mask(x, min(reward.k, vocab))
+            state.threshold[chunk] = threshold
+            state.last_tie[chunk] = last_tie
+        lam = torch.where(head, reward.lambda_head, reward.lambda_tail) if needs_rank else reward.lambda_tail
+
+        # Shaped negatives w_a = lambda_a pi_a, a != y.
+        negative = lam * p_others
+        negative_loss = -_xlogy_safe(negative, log_p).sum(-1)
+
+        c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
+        scale = c_y * (1.0 - eps) * valid_c
+        smooth = eps / vocab * valid_c
+        row_loss = scale * (target_term + negative_loss)
+        w_rest = scale * negative.sum(-1)  # W without the target's own weight
+        if eps > 0.0:
+            c_log_p = log_p if class_weight is None else class_weight * log_p
+            row_loss = row_loss - smooth * c_log_p.sum(-1)
+            w_rest = w_rest + smooth * (class_weight_sum - c_y)
+        if params.has_z_loss:
+            z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
+            row_loss = row_loss + params.z_loss * lse.square()
+        else:
+            z_loss_grad = 0.0
+
+        pi_y = log_pi_y.exp()
+        one_minus_pi_y = log1m_pi_y.exp()
+        w_y_final = scale * w_y + smooth * c_y
+        loss[chunk] = torch.where(valid, row_loss, 0.0)
+        state.lse[chunk] = lse
+        state.coef[chunk] = w_rest + w_y_final + z_loss_grad
+        state.scale[chunk] = scale
+        state.smooth[chunk] = smooth
+        # pi_y W - w_y = pi_y W_rest - (1 - pi_y) w_y: no cancellation when pi_y -> 1.
+        state.grad_target[chunk] = (
+            pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y
+        )
+
+        if with_stats:
+            stats.entropy[chunk] = -_xlogy_safe(p, log_p).sum(-1).float()
+            stats.lse[chunk] = lse.float()
+            stats.target_rank[chunk] = torch.where(valid, target_rank(x, y[:, 0]), 0).float()
+            stats.topk_mass[chunk] = (p * head).sum(-1).float()
+    return loss, state, (stats if with_stats else None)
+
+
+def backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: LossParams,
+    state: RowState,
+    grad_rows: torch.Tensor,
+) -> torch.Tensor:
+    """d(sum_r grad_rows[r] * loss[r]) / d logits, shaped and typed like ``logits``."""
+    rows, vocab = logits.shape
+    reward = params.reward
+    cdt = compute_dtype(logits.dtype)
+    needs_rank = reward.needs_rank(vocab)
+    class_weight = None if weight is None else weight.to(cdt)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    for chunk in _row_chunks(rows, vocab):
+        x = logits[chunk].to(cdt)
+        s = state._replace(**{f: getattr(state, f)[chunk][:, None] for f in RowState._fields})
+        valid = target[chunk] != params.ignore_index
+        y = torch.where(valid, target[chunk], 0)[:, None]
+        p = (apply_softcap(x, params.softcap) - s.lse).exp()
+        if needs_rank:
+            head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
+            coef = s.coef - s.scale * torch.where(head, reward.lambda_head, reward.lambda_tail)
+        else:
+            coef = s.coef - s.scale * reward.lambda_tail
+        g = p * coef
+        if params.label_smoothing > 0.0:
+            g = g - s.smooth * (1.0 if class_weight is None else class_weight)
+        g = g.scatter(1, y, s.grad_target) * grad_rows[chunk, None].to(cdt)
+        g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
+        if params.softcap is not None:
+            g = g * softcap_derivative(x, params.softcap)
+        grad[chunk] = g
+    return grad
