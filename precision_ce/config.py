@@ -55,6 +55,10 @@ class RewardConfig:
         """Whether the loss depends on which tokens are in the top-k head."""
         return self.lambda_head != self.lambda_tail and self.k < vocab_size
 
+    def uniform_lambda(self, vocab_size: int) -> float:
+        """The one reward of every wrong token when ``needs_rank`` is False (k >= V: all in K)."""
+        return self.lambda_head if self.k >= vocab_size else self.lambda_tail
+
 
 PRESETS: dict[str, RewardConfig] = {
     "cross_entropy": RewardConfig(),

@@ -100,9 +100,9 @@ def target_weight(
     else:
         # log w_y = log pi_y * (1 - (1 - pi_y)**beta). For pi_y > 1/2 write it as
         # log pi_y + exp(log(-log pi_y) + beta log(1 - pi_y)), finite even when (1 - pi_y)**beta
-        # overflows; below, -expm1 keeps 1 - (1 - pi_y)**beta accurate. pi_y = 0 gives the limit 0.
+        # overflows; below, -expm1 keeps 1 - (1 - pi_y)**beta accurate. pi_y = 0 takes the limit, 0.
         near_one = log_pi + torch.exp(log_neg_log_pi + beta * log1m)
-        elsewhere = torch.where(log1m == 0.0, 0.0, log_pi * -torch.expm1(beta * log1m))
+        elsewhere = torch.where(log_pi == -math.inf, 0.0, log_pi * -torch.expm1(beta * log1m))
         log_w = torch.where(log1m < -math.log(2.0), near_one, elsewhere)
     log_w = log_w.clamp(max=LOG_WEIGHT_MAX)
     return log_w.exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
@@ -198,7 +198,10 @@ def forward(
             head, threshold, last_tie = head_mask(x, min(reward.k, vocab))
             state.threshold[chunk] = threshold
             state.last_tie[chunk] = last_tie
-        lam = torch.where(head, reward.lambda_head, reward.lambda_tail) if needs_rank else reward.lambda_tail
+        if needs_rank:
+            lam = torch.where(head, reward.lambda_head, reward.lambda_tail)
+        else:
+            lam = reward.uniform_lambda(vocab)
 
         # Shaped negatives w_a = lambda_a pi_a, a != y.
         negative = lam * p_others
@@ -265,7 +268,7 @@ def backward(
             head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
             coef = s.coef - s.scale * torch.where(head, reward.lambda_head, reward.lambda_tail)
         else:
-            coef = s.coef - s.scale * reward.lambda_tail
+            coef = s.coef - s.scale * reward.uniform_lambda(vocab)
         g = p * coef
         if params.label_smoothing > 0.0:
             g = g - s.smooth * (1.0 if class_weight is None else class_weight)

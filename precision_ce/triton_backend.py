@@ -1,0 +1,127 @@
+"""The Triton backend: launches the kernels of ``precision_ce.kernels.cross_entropy``.
+
+Same contract as ``precision_ce.reference``: ``forward`` returns the per-row loss and a small
+per-row ``RowState``; ``backward`` recomputes the gradient from it in one read of the logits.
+On the CPU it runs under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .config import LossParams
+from .kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward
+from .reference import RowStats
+
+FORCED_BLOCK: int | None = None
+"""Block size override (tests use small blocks to exercise multi-block rows and ragged tails)."""
+
+
+class RowState(NamedTuple):
+    """Per-row numbers saved by the forward kernel (see ``reference.RowState``), shaped (rows,)."""
+
+    lse: torch.Tensor
+    coef: torch.Tensor
+    scale: torch.Tensor
+    smooth: torch.Tensor
+    grad_target: torch.Tensor
+    threshold: torch.Tensor  # int64 order-preserving key of the k-th largest raw logit
+    last_tie: torch.Tensor  # int32
+
+
+def _launch_config(vocab: int, logits: torch.Tensor) -> dict[str, int]:
+    if FORCED_BLOCK is not None:
+        return {"BLOCK": FORCED_BLOCK}
+    if not logits.is_cuda:
+        return {"BLOCK": min(1024, triton.next_power_of_2(vocab))}
+    # Bytes in flight per program: 16 KiB of logits per block keeps loads wide and registers free.
+    block = min(16384 // logits.element_size(), triton.next_power_of_2(vocab))
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def _key_bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16
+
+
+def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
+    # Rows may be strided; the class dimension must be dense for wide loads.
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: LossParams,
+    with_stats: bool,
+) -> tuple[torch.Tensor, RowState, RowStats | None]:
+    """logits (rows, V) fp32/bf16/fp16, target (rows,) int64, weight (V,) or None -> fp32 loss (rows,)."""
+    logits = _rows_contiguous(logits)
+    rows, vocab = logits.shape
+    reward = params.reward
+    needs_rank = reward.needs_rank(vocab)
+    lambda_head = reward.lambda_head if needs_rank else reward.uniform_lambda(vocab)
+    lambda_tail = reward.lambda_tail if needs_rank else reward.uniform_lambda(vocab)
+    device = logits.device
+    new = lambda dtype=torch.float32: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
+    loss = new()
+    state = RowState(new(), new(), new(), new(), new(), new(torch.int64), new(torch.int32))
+    stats = RowStats(new(), new(), new(), new()) if with_stats else None
+    weight_arg = weight if weight is not None else loss  # unread when HAS_WEIGHT is False
+    # A device tensor, not a Python float: no host sync.
+    class_weight_sum = loss if weight is None else weight.float().sum().reshape(1)
+    if rows > 0:
+        stats_args = stats if stats is not None else (loss,) * 4
+        generalised_ce_forward[(rows,)](
+            logits, logits.stride(0), target, weight_arg,
+            loss, *state, stats_args[0], stats_args[2], stats_args[3], class_weight_sum,
+            vocab, params.ignore_index, min(reward.k, vocab), reward.beta, lambda_head, lambda_tail,
+            params.label_smoothing, params.z_loss, params.softcap or 1.0,
+            KEY_BITS=_key_bits(logits.dtype),
+            SHAPED=reward.beta != 0.0,
+            FOCAL=reward.positive_reward == "focal",
+            HAS_HEAD=needs_rank or with_stats,
+            HAS_STATS=with_stats,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=params.has_smoothing,
+            HAS_Z_LOSS=params.has_z_loss,
+            HAS_SOFTCAP=params.has_softcap,
+            **_launch_config(vocab, logits),
+        )
+    if stats is not None:
+        stats = stats._replace(lse=state.lse)
+    return loss, state, stats
+
+
+def backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: LossParams,
+    state: RowState,
+    grad_rows: torch.Tensor,
+) -> torch.Tensor:
+    """d(sum_r grad_rows[r] * loss[r]) / d logits: (rows, V) in the logits' dtype."""
+    logits = _rows_contiguous(logits)
+    rows, vocab = logits.shape
+    reward = params.reward
+    needs_rank = reward.needs_rank(vocab)
+    lambda_tail = reward.lambda_tail if needs_rank else reward.uniform_lambda(vocab)
+    grad = torch.empty_like(logits)
+    grad_rows = grad_rows.float()
+    if rows > 0:
+        generalised_ce_backward[(rows,)](
+            logits, logits.stride(0), target, weight if weight is not None else grad_rows,
+            grad_rows, grad_rows.stride(0), grad, grad.stride(0), *state,
+            vocab, params.ignore_index, reward.lambda_head, lambda_tail, params.softcap or 1.0,
+            KEY_BITS=_key_bits(logits.dtype),
+            HAS_RANK=needs_rank,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=params.has_smoothing,
+            HAS_SOFTCAP=params.has_softcap,
+            **_launch_config(vocab, logits),
+        )
+    return grad
