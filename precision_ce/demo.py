@@ -161,7 +161,7 @@ def stationary_distribution(transition: torch.Tensor, iterations: int = 1000) ->
 
 
 def sample_corpus(chain: MarkovChain, num_tokens: int, generator: torch.Generator,
-                  parallel_sequences: int = 256) -> torch.Tensor:
+                  parallel_sequences: int = 1024) -> torch.Tensor:
     """Sample ``parallel_sequences`` sequences from the chain, about ``num_tokens`` tokens in all.
 
     Returns (parallel_sequences, length) int64. Sequences start from the stationary distribution,
@@ -169,13 +169,21 @@ def sample_corpus(chain: MarkovChain, num_tokens: int, generator: torch.Generato
     in parallel, one position at a time.
     """
     length = max(2, math.ceil(num_tokens / parallel_sequences))
-    tokens = torch.empty(parallel_sequences, length, dtype=torch.long)
-    tokens[:, 0] = torch.multinomial(chain.stationary, parallel_sequences, replacement=True,
-                                     generator=generator)
+    # Inverse-CDF sampling: one uniform draw per token, much faster than per-row multinomial.
+    # fp32 CDFs (several times faster to gather and search than fp64) shift no token's
+    # probability by more than ~1e-7, far below the smallest tail probability.
+    transition_cdf = chain.transition.cumsum(-1).float()
+    transition_cdf[:, -1] = 1.0  # rounding must not leave a uniform draw above the last bucket
+    stationary_cdf = chain.stationary.cumsum(-1).float()
+    stationary_cdf[-1] = 1.0
+    # Position-major so that each step reads and writes contiguous memory.
+    uniforms = torch.rand(length, parallel_sequences, 1, generator=generator)
+    tokens = torch.empty(length, parallel_sequences, dtype=torch.long)
+    tokens[0] = torch.searchsorted(stationary_cdf, uniforms[0, :, 0], right=True)
     for position in range(1, length):
-        tokens[:, position] = torch.multinomial(chain.transition[tokens[:, position - 1]], 1,
-                                                generator=generator)[:, 0]
-    return tokens
+        row_cdf = transition_cdf[tokens[position - 1]]
+        tokens[position] = torch.searchsorted(row_cdf, uniforms[position], right=True)[:, 0]
+    return tokens.T.contiguous()
 
 
 def next_token_pairs(corpus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

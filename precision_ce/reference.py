@@ -24,13 +24,16 @@ import torch
 
 from .config import LossParams
 
-LOG_TINY = math.log(2.0**-149)
-"""log of fp32's smallest subnormal: 1 - pi_y below this is 0 in fp32, so log(1 - pi_y) is clamped
-here instead of becoming -inf (which would turn 0 * inf into NaN in the weights)."""
+def log_tiny(dtype: torch.dtype) -> float:
+    """log of the dtype's smallest subnormal (-103.3 for fp32): 1 - pi_y below it is 0 in that
+    dtype, so log(1 - pi_y) is clamped here instead of becoming -inf (0 * inf = NaN in the weights)."""
+    info = torch.finfo(dtype)
+    return math.log(info.tiny * info.eps)
 
 LOG_WEIGHT_MAX = 80.0
-"""The focal reward (1 - pi_y) ** beta diverges as pi_y -> 1 for beta < 0; w_y is capped at e**80.
-Only the product w_y * (1 - pi_y), which stays <= 1, enters the target gradient."""
+"""The focal reward (1 - pi_y) ** beta diverges as pi_y -> 1 for beta < 0; w_y itself is capped at
+e**80 (it only scales pi_j of the other tokens, all < 1 - pi_y). The target's gradient and loss use
+w_y (1 - pi_y) and -w_y log pi_y, formed from the uncapped log weight; both stay <= 1."""
 
 CHUNK_ELEMENTS = 1 << 21
 """Rows are processed in chunks of about this many logits (8 MiB per fp32 temporary)."""
@@ -89,7 +92,7 @@ def target_weight(
     Returns (w_y, w_y * (1 - pi_y), -w_y * log pi_y), each formed in log space so that none of
     them is inf * 0 when pi_y is 0 or 1.
     """
-    log1m = log1m_pi_y.clamp(min=LOG_TINY)
+    log1m = log1m_pi_y.clamp(min=log_tiny(log1m_pi_y.dtype))
     # log pi_y = log1p(-(1 - pi_y)) is the accurate form when pi_y > 1/2.
     log_pi = torch.where(log1m < -math.log(2.0), torch.log1p(-torch.exp(log1m)), log_pi_y)
     log_neg_log_pi = torch.log(-log_pi)  # -inf when pi_y rounds to 1
@@ -104,8 +107,8 @@ def target_weight(
         near_one = log_pi + torch.exp(log_neg_log_pi + beta * log1m)
         elsewhere = torch.where(log_pi == -math.inf, 0.0, log_pi * -torch.expm1(beta * log1m))
         log_w = torch.where(log1m < -math.log(2.0), near_one, elsewhere)
-    log_w = log_w.clamp(max=LOG_WEIGHT_MAX)
-    return log_w.exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
+    # Cap w_y alone; the two products come from the uncapped log weight and stay finite.
+    return log_w.clamp(max=LOG_WEIGHT_MAX).exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
 
 
 def head_mask(
@@ -130,6 +133,12 @@ def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) ->
     """Membership of K from the saved threshold and last tie index (see ``head_mask``)."""
     index = torch.arange(x.shape[-1], device=x.device)
     return (x > threshold[:, None]) | ((x == threshold[:, None]) & (index <= last_tie[:, None]))
+
+
+def rank_rewards(head: torch.Tensor, lambda_head: float, lambda_tail: float,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """lambda_head inside K, lambda_tail outside, in ``dtype`` (not rounded through fp32)."""
+    return torch.full(head.shape, lambda_tail, dtype=dtype, device=head.device).masked_fill_(head, lambda_head)
 
 
 def target_rank(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -199,7 +208,7 @@ def forward(
             state.threshold[chunk] = threshold
             state.last_tie[chunk] = last_tie
         if needs_rank:
-            lam = torch.where(head, reward.lambda_head, reward.lambda_tail)
+            lam = rank_rewards(head, reward.lambda_head, reward.lambda_tail, cdt)
         else:
             lam = reward.uniform_lambda(vocab)
 
@@ -266,7 +275,7 @@ def backward(
         p = (apply_softcap(x, params.softcap) - s.lse).exp()
         if needs_rank:
             head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
-            coef = s.coef - s.scale * torch.where(head, reward.lambda_head, reward.lambda_tail)
+            coef = s.coef - s.scale * rank_rewards(head, reward.lambda_head, reward.lambda_tail, cdt)
         else:
             coef = s.coef - s.scale * reward.uniform_lambda(vocab)
         g = p * coef

@@ -1,0 +1,36 @@
+"""Test setup: Triton interpreter on CPU machines, hypothesis profiles, the device under test."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported anywhere: the kernels then run on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+# PRECISION_CE_HYPOTHESIS=thorough for thousands of examples per property.
+settings.load_profile(os.environ.get("PRECISION_CE_HYPOTHESIS", "ci"))
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernels run: CUDA when present (compiled kernels), else the CPU (interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Small kernel blocks so rows span several blocks and end in a ragged tail."""
+    from precision_ce import triton_backend
+
+    monkeypatch.setattr(triton_backend, "FORCED_BLOCK", 16)
