@@ -164,7 +164,7 @@ def _radix_select(row_ptr, V, k, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
 
 @triton.jit
 def _head_pass(
-    row_ptr, V, target, lse, threshold, ties_wanted, softcap,
+    row_ptr, V, target, row_max, log_sum_exp, threshold, ties_wanted, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Pass H. Index of the last tie in K, and over K: mass, mass without y, sum pi log pi without y."""
@@ -184,7 +184,7 @@ def _head_pass(
         head = (in_row & (key > threshold)) | tie_in
         last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
         ties_seen += tl.sum(tie.to(tl.int32), 0)
-        log_p = _softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - lse
+        log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
         p = tl.where(head, tl.exp(log_p), 0.0)
         others = head & (cols != target) & (p > 0.0)
         mass += tl.sum(p, 0)
@@ -196,7 +196,7 @@ def _head_pass(
 @triton.jit
 def generalised_ce_forward(
     logits_ptr, stride_row, target_ptr, weight_ptr,
-    loss_ptr, lse_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr, last_tie_ptr,
+    loss_ptr, row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr, last_tie_ptr,
     entropy_ptr, rank_ptr, topk_mass_ptr,
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,
@@ -218,10 +218,11 @@ def generalised_ce_forward(
         row_ptr, weight_ptr, V, target, x_target, softcap,
         BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS,
     )
+    # Everything relative to the row max m: z - m is exact, z - lse would lose ulp(lse).
     log_sum_exp = tl.log(sum_exp)
     lse = m + log_sum_exp
-    log_pi_y = _softcap(x_target, softcap, HAS_SOFTCAP) - lse
-    log1m_pi_y = tl.log(sum_exp_others) + m - lse
+    log_pi_y = (_softcap(x_target, softcap, HAS_SOFTCAP) - m) - log_sum_exp
+    log1m_pi_y = tl.log(sum_exp_others) - log_sum_exp
     pi_y = tl.exp(log_pi_y)
     one_minus_pi_y = tl.exp(log1m_pi_y)
     # sum_a pi_a log pi_a = sum e^(z-m)(z-m) / s - log s; then without the target's own term.
@@ -233,7 +234,8 @@ def generalised_ce_forward(
     if HAS_HEAD:
         threshold, ties_wanted = _radix_select(row_ptr, V, k, BLOCK, KEY_BITS)
         last_tie, head_mass, head_mass_others, head_plogp_others = _head_pass(
-            row_ptr, V, target, lse, threshold, ties_wanted, softcap, BLOCK, KEY_BITS, HAS_SOFTCAP
+            row_ptr, V, target, m, log_sum_exp, threshold, ties_wanted, softcap,
+            BLOCK, KEY_BITS, HAS_SOFTCAP,
         )
         tl.store(threshold_ptr + row, threshold)
         tl.store(last_tie_ptr + row, last_tie)
@@ -271,7 +273,8 @@ def generalised_ce_forward(
     # A target outside [0, V) that is not ignore_index gets NaN: visible, never out of bounds.
     bad = ~ignored & ~in_range
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
-    tl.store(lse_ptr + row, lse)
+    tl.store(row_max_ptr + row, m)
+    tl.store(log_sum_exp_ptr + row, log_sum_exp)
     tl.store(coef_ptr + row, tl.where(bad, float("nan"), coef))
     tl.store(scale_ptr + row, scale)
     tl.store(smooth_ptr + row, smooth)
@@ -286,8 +289,8 @@ def generalised_ce_forward(
 def generalised_ce_backward(
     logits_ptr, stride_row, target_ptr, weight_ptr, grad_rows_ptr, grad_rows_stride,
     grad_ptr, grad_stride_row,
-    lse_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr, last_tie_ptr,
-    V, ignore_index, lambda_head, lambda_tail, softcap,
+    row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr,
+    last_tie_ptr, V, ignore_index, lambda_head, lambda_tail, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -298,7 +301,8 @@ def generalised_ce_backward(
     target = tl.load(target_ptr + row)
     valid = target != ignore_index
     upstream = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32)
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    log_sum_exp = tl.load(log_sum_exp_ptr + row)
     coef = tl.load(coef_ptr + row) * upstream
     scale = tl.load(scale_ptr + row) * upstream
     smooth = tl.load(smooth_ptr + row) * upstream
@@ -312,7 +316,7 @@ def generalised_ce_backward(
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
         x = x_raw.to(tl.float32)
         z = _softcap(x, softcap, HAS_SOFTCAP)
-        p = tl.where(z == float("-inf"), 0.0, tl.exp(z - lse))
+        p = tl.where(z == float("-inf"), 0.0, tl.exp((z - row_max) - log_sum_exp))
         if HAS_RANK:
             key = _sortable_key(x_raw, KEY_BITS)
             head = (key > threshold) | ((key == threshold) & (cols <= last_tie))

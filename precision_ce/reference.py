@@ -47,7 +47,8 @@ class RowState(NamedTuple):
     An ignored row has every field 0, so its gradient is 0.
     """
 
-    lse: torch.Tensor  # logsumexp of the (soft-capped) logits
+    row_max: torch.Tensor  # max of the (soft-capped) logits, m
+    log_sum_exp: torch.Tensor  # log sum_a e^(z_a - m); lse = m + log_sum_exp
     coef: torch.Tensor  # W + 2 zeta lse
     scale: torch.Tensor  # c_y (1 - eps)
     smooth: torch.Tensor  # eps / V
@@ -180,7 +181,7 @@ def forward(
     class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
 
     loss = torch.empty(rows, dtype=cdt, device=logits.device)
-    state = RowState(*(torch.zeros(rows, dtype=cdt, device=logits.device) for _ in range(6)),
+    state = RowState(*(torch.zeros(rows, dtype=cdt, device=logits.device) for _ in range(7)),
                      torch.zeros(rows, dtype=torch.long, device=logits.device))
     stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
 
@@ -191,8 +192,13 @@ def forward(
         y = torch.where(valid, target[chunk], 0)[:, None]
         z = apply_softcap(x, params.softcap)
 
-        lse = torch.logsumexp(z, dim=-1)
-        log_p = z - lse[:, None]
+        # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
+        # logits in the thousands (z - lse would lose ulp(lse) to rounding).
+        row_max = z.amax(dim=-1)
+        z_shifted = z - row_max[:, None]
+        log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
+        lse = row_max + log_sum_exp
+        log_p = z_shifted - log_sum_exp[:, None]
         p = log_p.exp()
         log_pi_y = log_p.gather(1, y)[:, 0]
         p_others = p.scatter(1, y, 0.0)
@@ -235,7 +241,8 @@ def forward(
         one_minus_pi_y = log1m_pi_y.exp()
         w_y_final = scale * w_y + smooth * c_y
         loss[chunk] = torch.where(valid, row_loss, 0.0)
-        state.lse[chunk] = lse
+        state.row_max[chunk] = row_max
+        state.log_sum_exp[chunk] = log_sum_exp
         state.coef[chunk] = w_rest + w_y_final + z_loss_grad
         state.scale[chunk] = scale
         state.smooth[chunk] = smooth
@@ -272,7 +279,7 @@ def backward(
         s = state._replace(**{f: getattr(state, f)[chunk][:, None] for f in RowState._fields})
         valid = target[chunk] != params.ignore_index
         y = torch.where(valid, target[chunk], 0)[:, None]
-        p = (apply_softcap(x, params.softcap) - s.lse).exp()
+        p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
         if needs_rank:
             head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
             coef = s.coef - s.scale * rank_rewards(head, reward.lambda_head, reward.lambda_tail, cdt)

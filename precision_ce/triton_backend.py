@@ -23,7 +23,8 @@ FORCED_BLOCK: int | None = None
 class RowState(NamedTuple):
     """Per-row numbers saved by the forward kernel (see ``reference.RowState``), shaped (rows,)."""
 
-    lse: torch.Tensor
+    row_max: torch.Tensor
+    log_sum_exp: torch.Tensor
     coef: torch.Tensor
     scale: torch.Tensor
     smooth: torch.Tensor
@@ -68,7 +69,7 @@ def forward(
     device = logits.device
     new = lambda dtype=torch.float32: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
     loss = new()
-    state = RowState(new(), new(), new(), new(), new(), new(torch.int64), new(torch.int32))
+    state = RowState(*(new() for _ in range(6)), new(torch.int64), new(torch.int32))
     stats = RowStats(new(), new(), new(), new()) if with_stats else None
     weight_arg = weight if weight is not None else loss  # unread when HAS_WEIGHT is False
     # A device tensor, not a Python float: no host sync.
@@ -92,7 +93,7 @@ def forward(
             **_launch_config(vocab, logits),
         )
     if stats is not None:
-        stats = stats._replace(lse=state.lse)
+        stats = stats._replace(lse=state.row_max + state.log_sum_exp)
     return loss, state, stats
 
 

@@ -1,0 +1,214 @@
+"""The Triton kernels against the torch backend and the fp64 surrogate.
+
+On a CPU machine they run under the Triton interpreter with 16-wide blocks (``small_blocks``), so
+every row spans several blocks and most end in a ragged tail; on a CUDA machine the same tests
+run the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import random_logits, random_targets, surrogate_loss_fp64
+
+from precision_ce import RewardConfig, cross_entropy
+
+pytestmark = pytest.mark.usefixtures("small_blocks")
+
+# The kernel and the torch backend both compute in fp32 and round the gradient once to the
+# logits' dtype, so they may differ by one rounding of that dtype.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def run(backend: str, logits: torch.Tensor, target: torch.Tensor, device: str = "cpu", **options):
+    """Per-row loss (fp32), gradient (logits' dtype) and stats of one backend."""
+    x = logits.to(device).requires_grad_()
+    loss, stats = cross_entropy(x, target.to(device), reduction="none", return_stats=True,
+                                backend=backend, **options)
+    (grad,) = torch.autograd.grad(loss.float().sum(), x)
+    return loss.detach().float().cpu(), grad.cpu(), [s.cpu() for s in stats]
+
+
+def assert_matches_torch_backend(logits: torch.Tensor, target: torch.Tensor, device: str, **options) -> None:
+    got_loss, got_grad, got_stats = run("triton", logits, target, device, **options)
+    want_loss, want_grad, want_stats = run("torch", logits, target, **options)
+    dtype = logits.dtype
+    assert got_grad.dtype == dtype
+    loss_rtol = 1e-5 if dtype == torch.float32 else 2**-7  # the loss is returned in the logits' dtype
+    torch.testing.assert_close(got_loss, want_loss, rtol=loss_rtol, atol=1e-6)
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=GRAD_RTOL[dtype], atol=1e-6)
+    names = ("entropy", "lse", "target_rank", "topk_mass")
+    for name, got, want in zip(names, got_stats, want_stats, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"stat {name}")
+
+
+# Every option alone, then in combination.
+OPTIONS = {
+    "cross_entropy": {},
+    "power_beta": dict(beta=-0.25),
+    "power_beta_positive": dict(beta=0.5),
+    "focal_beta": dict(beta=-0.4, positive_reward="focal"),
+    "tail_penalty": dict(k=5, lambda_tail=-0.1),
+    "head_reward": dict(k=5, lambda_head=0.1),
+    "both_lambdas": dict(k=9, lambda_head=0.3, lambda_tail=-0.2),
+    "class_weight": dict(weight=True),
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss=1e-3),
+    "softcap": dict(softcap=4.0),
+    "all": dict(beta=-0.3, k=7, lambda_head=0.2, lambda_tail=-0.1, weight=True, label_smoothing=0.05,
+                z_loss=1e-3, softcap=6.0),
+    "all_focal": dict(beta=0.6, positive_reward="focal", k=3, lambda_head=-0.2, lambda_tail=0.1,
+                      weight=True, label_smoothing=0.2),
+}
+
+
+def with_weight(options: dict, vocab: int, dtype: torch.dtype) -> dict:
+    options = dict(options)
+    if options.pop("weight", False):
+        options["weight"] = torch.rand(vocab, generator=torch.Generator().manual_seed(5)).to(dtype) + 0.2
+    return options
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_option_matches_torch_backend(option: str, dtype: torch.dtype, device: str) -> None:
+    rows, vocab = 6, 70  # 16-wide blocks: four full blocks and a ragged tail of 6
+    logits = random_logits(rows, vocab, seed=1).to(dtype)
+    target = random_targets(rows, vocab, seed=1, ignore_every=4)
+    options = with_weight(OPTIONS[option], vocab, dtype)
+    if "weight" in options and dtype != torch.float32:
+        options["weight"] = options["weight"].float()  # class weights stay fp32 beside 16-bit logits
+    assert_matches_torch_backend(logits, target, device, **options)
+
+
+@pytest.mark.parametrize("vocab", [5, 16, 33])
+@pytest.mark.parametrize("k", [1, 3, "V-1", "V", "V+4"])
+def test_head_sizes_and_short_rows(vocab: int, k, device: str) -> None:
+    k = {"V-1": vocab - 1, "V": vocab, "V+4": vocab + 4}.get(k, k)
+    logits = random_logits(5, vocab, seed=2, scale=2.0).float()
+    target = random_targets(5, vocab, seed=2)
+    assert_matches_torch_backend(logits, target, device, k=k, lambda_head=0.4, lambda_tail=-0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_at_the_threshold_follow_index_order(dtype: torch.dtype, device: str) -> None:
+    # Integer logits in a small range: many ties, and the k-th value is tied almost surely.
+    logits = random_logits(8, 50, seed=3, integer=True, scale=1.5).to(dtype)
+    logits[0] = 1.0  # a whole row of ties
+    logits[1, ::2] = -0.0  # -0.0 and +0.0 are the same logit
+    logits[1, 1::2] = 0.0
+    target = random_targets(8, 50, seed=3)
+    for k in (1, 4, 17, 49):
+        assert_matches_torch_backend(logits, target, device, k=k, lambda_head=0.3, lambda_tail=-0.1)
+    reward = RewardConfig(k=4, lambda_head=0.3, lambda_tail=-0.1)
+    x64 = logits.double().requires_grad_()
+    want = surrogate_loss_fp64(x64, target, reward)
+    (want_grad,) = torch.autograd.grad(want.sum(), x64)
+    got_loss, got_grad, _ = run("triton", logits, target, device, config=reward)
+    torch.testing.assert_close(got_loss, want.float(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=GRAD_RTOL[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_minus_inf_logits_and_whole_minus_inf_blocks(softcap: float | None, device: str) -> None:
+    logits = random_logits(5, 70, seed=4).float()
+    logits[:, 16:48] = -math.inf  # two whole 16-wide blocks
+    logits[2, :16] = -math.inf  # the first block of a row too
+    logits[3, 60:] = -math.inf  # the ragged tail
+    target = torch.tensor([0, 50, 55, 5, -100])
+    options = dict(beta=-0.25, k=4, lambda_head=0.2, lambda_tail=-0.1, z_loss=1e-3, softcap=softcap)
+    got_loss, got_grad, got_stats = run("triton", logits, target, device, **options)
+    assert torch.isfinite(got_loss).all() and torch.isfinite(got_grad).all()
+    assert all(torch.isfinite(s).all() for s in got_stats)
+    assert torch.all(got_grad[:, 16:48] == 0)
+    assert_matches_torch_backend(logits, target, device, **options)
+
+
+def test_confident_bf16_target_gradient_is_exact(device: str) -> None:
+    """pi_y >= 0.9999: the target's gradient -(1 - pi_y) w_y keeps full bf16 precision."""
+    logits = random_logits(4, 40, seed=5).to(torch.bfloat16)
+    target = torch.tensor([1, 7, 30, 39])
+    rows = torch.arange(4)
+    logits[rows, target] = torch.tensor([14.0, 18.0, 30.0, 60.0], dtype=torch.bfloat16)
+    for reward in (RewardConfig(), RewardConfig(beta=-0.25), RewardConfig(beta=-0.5, positive_reward="focal")):
+        _, got_grad, got_stats = run("triton", logits, target, device, config=reward)
+        # Exact oracle from S = sum_{a != y} e^(x_a - x_y) in fp64 (see test_reference).
+        x = logits.double()
+        gap = (x - x[rows, target][:, None]).index_put((rows, target), torch.tensor(-math.inf, dtype=x.dtype))
+        s = gap.exp().sum(-1)
+        one_minus = s / (1 + s)
+        if reward.positive_reward == "power":
+            w_y = torch.exp(-torch.log1p(s) * (1 - one_minus**reward.beta))
+        else:
+            w_y = one_minus**reward.beta
+        want = (-one_minus * w_y).to(torch.bfloat16)
+        assert torch.all(got_grad[rows, target] < 0)
+        torch.testing.assert_close(got_grad[rows, target], want, rtol=2**-7, atol=0)
+
+
+def test_ignored_rows_write_zero_loss_and_gradient(device: str) -> None:
+    logits = random_logits(6, 40, seed=6).float()
+    target = torch.tensor([-100, 3, -100, -100, 39, -100])
+    loss, grad, stats = run("triton", logits, target, device, beta=-0.25, k=3, lambda_tail=-0.1,
+                            label_smoothing=0.1, z_loss=1e-2)
+    ignored = target == -100
+    assert torch.all(loss[ignored] == 0) and torch.all(grad[ignored] == 0)
+    assert torch.all(loss[~ignored] > 0) and torch.all(grad[~ignored].abs().sum(-1) > 0)
+    assert torch.all(stats[2][ignored] == 0)  # no target, no rank
+    all_ignored = cross_entropy(logits.to(device), torch.full((6,), -100, device=device), backend="triton",
+                                beta=0.5)
+    assert torch.isnan(all_ignored)  # mean over no rows, as torch
+
+
+def test_large_magnitude_logits(device: str) -> None:
+    logits = (random_logits(4, 50, seed=7) * 100 + 3e4).float()
+    target = random_targets(4, 50, seed=7)
+    assert_matches_torch_backend(logits, target, device, beta=-0.25, k=6, lambda_tail=-0.1)
+
+
+def test_out_of_range_target_is_nan_not_out_of_bounds(device: str) -> None:
+    logits = random_logits(3, 20, seed=8).float().to(device)
+    target = torch.tensor([1, 25, -7], device=device)
+    loss = cross_entropy(logits, target, reduction="none", backend="triton", check_targets=False)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    with pytest.raises(ValueError, match="outside"):
+        cross_entropy(logits, target, backend="triton", check_targets=True)
+
+
+def test_results_are_deterministic(device: str) -> None:
+    logits = random_logits(5, 90, seed=9).to(torch.bfloat16)
+    target = random_targets(5, 90, seed=9)
+    first = run("triton", logits, target, device, k=7, lambda_tail=-0.1, beta=-0.25)
+    second = run("triton", logits, target, device, k=7, lambda_tail=-0.1, beta=-0.25)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_noncontiguous_rows_and_nd_input(device: str) -> None:
+    base = random_logits(4, 3 * 40, seed=10).float()
+    strided = base.reshape(4, 3, 40)[:, 1]  # row stride 120, class stride 1
+    target = random_targets(4, 40, seed=10)
+    assert_matches_torch_backend(strided, target, device, beta=0.5)
+    nd = random_logits(2 * 3, 30, seed=11).float().reshape(2, 3, 30).transpose(1, 2)  # (N, C, d)
+    nd_target = random_targets(6, 30, seed=11).reshape(2, 3)
+    got = cross_entropy(nd.to(device), nd_target.to(device), backend="triton", reduction="none", beta=-0.25)
+    want = cross_entropy(nd, nd_target, backend="torch", reduction="none", beta=-0.25)
+    torch.testing.assert_close(got.cpu(), want)
+
+
+def test_reductions_and_upstream_gradient(device: str) -> None:
+    logits = random_logits(6, 30, seed=12).float()
+    target = random_targets(6, 30, seed=12, ignore_every=3)
+    weight = torch.rand(30) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        results = []
+        for backend, dev in (("triton", device), ("torch", "cpu")):
+            x = logits.to(dev).requires_grad_()
+            loss = cross_entropy(x, target.to(dev), weight.to(dev), reduction=reduction, backend=backend,
+                                 k=4, lambda_head=0.1)
+            upstream = torch.linspace(-1, 2, loss.numel(), device=dev).reshape(loss.shape)
+            (grad,) = torch.autograd.grad(loss, x, upstream)
+            results.append((loss.detach().cpu(), grad.cpu()))
+        torch.testing.assert_close(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1])
