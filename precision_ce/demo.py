@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .api import cross_entropy
 from .config import PRESETS, RewardConfig, preset
@@ -69,7 +70,7 @@ class DemoSettings:
     likely_successors: int = 6  # per token; the loss's k is set to this number
     head_mass: float = 0.9  # total probability of the likely successors
     tail_exponent: float = 1.0  # Zipf exponent of the tail's probabilities
-    train_tokens: int = 1 << 18
+    train_tokens: int = 1 << 20
     val_tokens: int = 1 << 16
     steps: int = 2000
     batch_size: int = 512
@@ -357,8 +358,6 @@ def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch
         sample_corpus(chain, settings.val_tokens, torch.Generator().manual_seed(settings.seed + 2)))
     train_context, train_target = train_context.to(device), train_target.to(device)
 
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=settings.steps * len(presets), disable=not progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     results: dict[str, PresetResult] = {}
@@ -379,7 +378,7 @@ def _train_one(
     val_pairs: tuple[torch.Tensor, torch.Tensor],
     settings: DemoSettings,
     device: torch.device,
-    bar: object,
+    bar: tqdm,
 ) -> PresetResult:
     start_time = time.perf_counter()
     # Same seed for the weights and for the batch order: presets differ only in their loss.
@@ -400,7 +399,7 @@ def _train_one(
         optimizer.step()
         if step % settings.eval_interval == 0 or step == settings.steps:
             curve.append((step, exact_metrics(model, chain, settings.k)["entropy"]))
-        bar.update(1)  # type: ignore[attr-defined]
+        bar.update(1)
 
     model.eval()
     val_ce = validation_cross_entropy(model, val_pairs)
@@ -523,7 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train every preset, print the table, write CSVs and figures to ``args.out``."""
-    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    presets = list(dict.fromkeys(name.strip() for name in args.presets.split(",") if name.strip()))
     unknown = [name for name in presets if name not in PRESETS]
     if unknown or not presets:
         print(f"precision-ce demo: unknown or empty --presets {args.presets!r}; "

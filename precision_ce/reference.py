@@ -119,21 +119,29 @@ def head_mask(
 
     x: raw logits (rows, V). Returns (mask (rows, V) bool, threshold (rows,), last_tie (rows,)):
     K holds every logit above the k-th largest value ``threshold`` and, of those equal to it, the
-    ones at index <= ``last_tie`` (lower vocabulary index first).
+    ones at index <= ``last_tie`` (lower vocabulary index first; V - 1 when all ties are in K).
     """
+    vocab = x.shape[-1]
     threshold = x.topk(k, dim=-1, sorted=False).values.amin(-1)
-    above = x > threshold[:, None]
     ties = x == threshold[:, None]
-    ties_wanted = k - above.sum(-1)
-    # Index of the ties_wanted-th tie: the number of positions whose running tie count is below it.
-    last_tie = (ties.cumsum(-1) < ties_wanted[:, None]).sum(-1)
+    ties_wanted = k - (x > threshold[:, None]).sum(-1)
+    last_tie = torch.full_like(ties_wanted, vocab - 1)
+    crowded = ties.sum(-1) > ties_wanted  # rows where some ties stay outside K (rare)
+    if crowded.any():
+        # Index of the ties_wanted-th tie: the positions whose running tie count is below it.
+        running = ties[crowded].cumsum(-1)
+        last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
     return in_head(x, threshold, last_tie), threshold, last_tie
 
 
 def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
     """Membership of K from the saved threshold and last tie index (see ``head_mask``)."""
-    index = torch.arange(x.shape[-1], device=x.device)
-    return (x > threshold[:, None]) | ((x == threshold[:, None]) & (index <= last_tie[:, None]))
+    head = x >= threshold[:, None]
+    cut = last_tie < x.shape[-1] - 1
+    if cut.any():
+        index = torch.arange(x.shape[-1], device=x.device)
+        head[cut] &= (x[cut] > threshold[cut, None]) | (index <= last_tie[cut, None])
+    return head
 
 
 def rank_rewards(head: torch.Tensor, lambda_head: float, lambda_tail: float,
