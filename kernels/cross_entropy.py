@@ -90,7 +90,8 @@ def _target_weight(log_pi_y, log1m_pi_y, beta, SHAPED: tl.constexpr, FOCAL: tl.c
         elsewhere = tl.where(log_pi == float("-inf"), 0.0, -log_pi * _expm1(beta * log1m))
         log_w = tl.where(log1m < -LN2, near_one, elsewhere)
     # Cap w_y alone; the two products come from the uncapped log weight and stay finite.
-    return tl.exp(tl.minimum(log_w, LOG_WEIGHT_MAX)), tl.exp(log_w + log1m), tl.exp(log_w + log_neg_log_pi)
+    w_y = tl.exp(tl.minimum(log_w, LOG_WEIGHT_MAX))
+    return w_y, tl.exp(log_w + log1m), tl.exp(log_w + log_neg_log_pi)
 
 
 @triton.jit

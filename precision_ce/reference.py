@@ -24,6 +24,7 @@ import torch
 
 from .config import LossParams
 
+
 def log_tiny(dtype: torch.dtype) -> float:
     """log of the dtype's smallest subnormal (-103.3 for fp32): 1 - pi_y below it is 0 in that
     dtype, so log(1 - pi_y) is clamped here instead of becoming -inf (0 * inf = NaN in the weights)."""

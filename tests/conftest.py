@@ -8,8 +8,8 @@ if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere: the kernels then run on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,

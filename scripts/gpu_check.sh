@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One prepared GPU check: install, run the test suite on CUDA (compiled kernels), run the
+# benchmarks, write everything under OUT_DIR. Sized for well under 8 minutes on an H200.
+#   Usage: scripts/gpu_check.sh OUT_DIR
+#   On the device tool: run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=540)
+# Peers for the side-by-side (e.g. liger-kernel) travel as wheels in .whl/ (see docs/benchmarks.md).
+set -uo pipefail
+out="${1:?usage: scripts/gpu_check.sh OUT_DIR}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} > "$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+
+# Tests: CUDA present, so conftest does not set TRITON_INTERPRET and the kernels compile.
+timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
+    tests/test_reference.py 2>&1 | tee "$out/tests.log" | tail -n 15
+tests_status=${PIPESTATUS[0]}
+
+timeout 280 python3 -m precision_ce.cli bench --device cuda --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
+bench_status=${PIPESTATUS[0]}
+
+echo "tests exit $tests_status, bench exit $bench_status" | tee -a "$out/env.txt"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
