@@ -197,7 +197,8 @@ def _head_pass(
 @triton.jit
 def generalised_ce_forward(
     logits_ptr, stride_row, target_ptr, weight_ptr,
-    loss_ptr, row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr, last_tie_ptr,
+    loss_ptr, row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr,
+    threshold_ptr, last_tie_ptr,
     entropy_ptr, rank_ptr, topk_mass_ptr,
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,

@@ -425,8 +425,9 @@ def format_table(result: DemoResult) -> str:
         f"k = {s.k} (top-k mass and the rank-aware presets); V = {s.vocab_size}; {s.steps} steps of "
         f"{s.batch_size}; seed {s.seed}.\n"
         "val CE/perplexity: on a held-out sample of the chain. Every other column is exact over the "
-        "chain's\nstationary distribution; tail mass = model mass on tokens that are not true likely "
-        "successors;\ntop1_acc = the model's argmax equals the true argmax."
+        "chain's\nstationary distribution; head_entropy = entropy of the model's top-k renormalised; "
+        "tail_mass =\nmodel mass on tokens that are not true likely successors; top1_acc = the model's "
+        "argmax equals\nthe true argmax."
     )
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "", notes])
 
@@ -462,30 +463,35 @@ def plot_figures(result: DemoResult, out_dir: Path) -> list[Path]:
     names = list(result.presets)
     colors = {name: f"C{i}" for i, name in enumerate(names)}
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, r in result.presets.items():
-        steps, entropies = zip(*r.entropy_curve, strict=True)
-        axes.plot(steps, entropies, label=name, color=colors[name])
-    axes.axhline(result.true_metrics["entropy"], color="black", linestyle="--", linewidth=1,
-                 label="true chain")
-    axes.set_xlabel("training step")
-    axes.set_ylabel("mean predictive entropy (nats)")
-    axes.set_title("Entropy of the next-token distribution during training")
-    final = [r.entropy_curve[-1][1] for r in result.presets.values()]
-    # Zoom past the high-entropy start so the presets' separation is visible.
-    low, high = min([*final, result.true_metrics["entropy"]]), max([*final, result.true_metrics["entropy"]])
-    margin = max(0.1, 0.6 * (high - low))
-    axes.set_ylim(low - margin, high + margin)
-    axes.legend()
-    axes.grid(alpha=0.3)
+    true_entropy = result.true_metrics["entropy"]
+    figure, (full_axes, zoom_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axes in (full_axes, zoom_axes):
+        for name, r in result.presets.items():
+            steps, entropies = zip(*r.entropy_curve, strict=True)
+            axes.plot(steps, entropies, label=name, color=colors[name])
+        axes.axhline(true_entropy, color="black", linestyle="--", linewidth=1, label="true chain")
+        axes.set_xlabel("training step")
+        axes.set_ylabel("mean predictive entropy (nats)")
+        axes.grid(alpha=0.3)
+    full_axes.set_title("Entropy during training (all steps)")
+    # The right panel zooms on the second half of training, where the presets separate.
+    last_step = max(r.entropy_curve[-1][0] for r in result.presets.values())
+    late = [entropy for r in result.presets.values() for step, entropy in r.entropy_curve
+            if step >= last_step / 2]
+    low, high = min([*late, true_entropy]), max([*late, true_entropy])
+    margin = max(0.02, 0.15 * (high - low))
+    zoom_axes.set_xlim(last_step / 2, last_step)
+    zoom_axes.set_ylim(low - margin, high + margin)
+    zoom_axes.set_title("Second half of training (zoomed)")
+    zoom_axes.legend(fontsize=8)
     figure.tight_layout()
     entropy_path = out_dir / "demo_entropy.png"
     figure.savefig(entropy_path, dpi=110)
     plt.close(figure)
 
-    shown = ("val_ce", "entropy", "topk_mass", "tail_mass", "kl", "top1_acc")
-    figure, axes_grid = plt.subplots(2, 3, figsize=(12, 6.5))
-    for axes, key in zip(axes_grid.flat, shown, strict=True):
+    shown = ("val_ce", "entropy", "head_entropy", "topk_mass", "tail_mass", "kl", "top1_acc")
+    figure, axes_grid = plt.subplots(2, 4, figsize=(15, 7))
+    for axes, key in zip(axes_grid.flat, shown, strict=False):
         values = [result.presets[name].metrics[key] for name in names]
         bars = axes.bar(range(len(names)), values, color=[colors[name] for name in names])
         axes.axhline(result.true_metrics[key], color="black", linestyle="--", linewidth=1)
@@ -497,7 +503,17 @@ def plot_figures(result: DemoResult, out_dir: Path) -> list[Path]:
         spread = top - bottom
         # Bars start from a common floor near the data so small differences stay visible.
         axes.set_ylim(max(0.0, bottom - 0.5 * spread - 1e-3), top + 0.25 * spread + 1e-3)
-    figure.suptitle("Final metrics per preset (dashed: the true chain)")
+    settings = result.settings
+    notes_axes = axes_grid.flat[len(shown)]
+    notes_axes.axis("off")
+    notes_axes.text(0.0, 0.5, (
+        f"V = {settings.vocab_size} tokens, {settings.likely_successors} likely\n"
+        f"successors each (mass {settings.head_mass:g}), k = {settings.k}\n"
+        f"{settings.steps} steps x batch {settings.batch_size}, seed {settings.seed}\n\n"
+        "dashed line: the true chain\n"
+        "y axes do not start at 0"
+    ), fontsize=10, va="center")
+    figure.suptitle("Final metrics per preset")
     figure.tight_layout()
     metrics_path = out_dir / "demo_metrics.png"
     figure.savefig(metrics_path, dpi=110)
