@@ -98,7 +98,7 @@ def _target_weight(log_pi_y, log1m_pi_y, beta, SHAPED: tl.constexpr, FOCAL: tl.c
 def _online_pass(
     row_ptr, weight_ptr, V, target, x_target, softcap,
     BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, HAS_STATS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_STATS: tl.constexpr, HAS_PLOGP: tl.constexpr,
 ):
     """Pass A. Returns m, s, s without the target, sum e^(z-m)(z-m), sum c (z-m), target rank."""
     m = float("-inf")
@@ -119,9 +119,10 @@ def _online_pass(
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
         z_shifted = tl.where(z == float("-inf"), z, z - m_new)
         e = tl.exp(z_shifted)
-        sum_exp_shifted = alpha * (sum_exp_shifted + shift * sum_exp) + tl.sum(
-            tl.where(e > 0.0, e * z_shifted, 0.0), 0
-        )
+        if HAS_PLOGP:
+            sum_exp_shifted = alpha * (sum_exp_shifted + shift * sum_exp) + tl.sum(
+                tl.where(e > 0.0, e * z_shifted, 0.0), 0
+            )
         sum_exp = alpha * sum_exp + tl.sum(e, 0)
         sum_exp_others = alpha * sum_exp_others + tl.sum(tl.where(cols == target, 0.0, e), 0)
         if HAS_SMOOTHING:
@@ -203,7 +204,7 @@ def generalised_ce_forward(
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, SHAPED: tl.constexpr, FOCAL: tl.constexpr,
-    HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr, HAS_NEGATIVES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Row loss and backward state. ``lambda_tail`` is the reward of every wrong token when
@@ -218,7 +219,7 @@ def generalised_ce_forward(
 
     m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank = _online_pass(
         row_ptr, weight_ptr, V, target, x_target, softcap,
-        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS,
+        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
     )
     # Everything relative to the row max m: z - m is exact, z - lse would lose ulp(lse).
     log_sum_exp = tl.log(sum_exp)

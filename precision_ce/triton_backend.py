@@ -86,6 +86,7 @@ def forward(
             FOCAL=reward.positive_reward == "focal",
             HAS_HEAD=needs_rank or with_stats,
             HAS_STATS=with_stats,
+            HAS_NEGATIVES=lambda_head != 0.0 or lambda_tail != 0.0,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,

@@ -212,3 +212,18 @@ def test_reductions_and_upstream_gradient(device: str) -> None:
             results.append((loss.detach().cpu(), grad.cpu()))
         torch.testing.assert_close(results[0][0], results[1][0])
         torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_row_offsets_beyond_int32(device: str) -> None:
+    """Rows 2**31 elements apart: the kernel's offsets must be int64. Only the three rows are
+    touched, so the 4 GiB span stays mostly unallocated virtual memory."""
+    vocab, row_stride = 40, 2**30
+    storage = torch.empty(2 * row_stride + vocab, dtype=torch.bfloat16, device=device)
+    logits = storage.as_strided((3, vocab), (row_stride, 1))
+    logits.copy_(random_logits(3, vocab, seed=13).to(torch.bfloat16))
+    target = random_targets(3, vocab, seed=13)
+    got_loss, got_grad, _ = run("triton", logits, target, device, beta=-0.25, k=5, lambda_tail=-0.1)
+    compact = logits.detach().cpu().contiguous()
+    want_loss, want_grad, _ = run("torch", compact, target, beta=-0.25, k=5, lambda_tail=-0.1)
+    torch.testing.assert_close(got_loss, want_loss, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=2**-7, atol=1e-6)
