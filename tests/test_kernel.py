@@ -227,3 +227,14 @@ def test_row_offsets_beyond_int32(device: str) -> None:
     want_loss, want_grad, _ = run("torch", compact, target, beta=-0.25, k=5, lambda_tail=-0.1)
     torch.testing.assert_close(got_loss, want_loss, rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=2**-7, atol=1e-6)
+
+
+def test_empty_batch(device: str) -> None:
+    logits = torch.zeros(0, 30, device=device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=device)
+    for reduction, want in (("mean", math.nan), ("sum", 0.0)):
+        loss = cross_entropy(logits, target, reduction=reduction, backend="triton", k=3, lambda_tail=-0.1)
+        torch.testing.assert_close(loss.cpu(), torch.tensor(want), equal_nan=True)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert grad.shape == (0, 30)
+    assert cross_entropy(logits, target, reduction="none", backend="triton").shape == (0,)
