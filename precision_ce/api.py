@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,20 +42,21 @@ class _GeneralisedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _reward_config(
-    config: RewardConfig | None, beta: float, k: int, lambda_head: float, lambda_tail: float,
-    positive_reward: str,
-) -> RewardConfig:
+def _reward_config(config: RewardConfig | None, **fields: Any) -> RewardConfig:
+    """``config`` itself, or a RewardConfig from the individual fields (never both)."""
     if config is None:
-        return RewardConfig(beta, k, lambda_head, lambda_tail, positive_reward)  # type: ignore[arg-type]
+        return RewardConfig(**fields)
     if not isinstance(config, RewardConfig):
         raise TypeError(f"config must be a precision_ce.RewardConfig, got {type(config).__name__}")
-    if (beta, k, lambda_head, lambda_tail, positive_reward) != (0.0, 100, 0.0, 0.0, "power"):
+    if any(value != getattr(_DEFAULT_REWARD, name) for name, value in fields.items()):
         raise ValueError(
             "pass either config= or the individual reward arguments (beta, k, lambda_head, "
             "lambda_tail, positive_reward), not both"
         )
     return config
+
+
+_DEFAULT_REWARD = RewardConfig()
 
 
 def _loss_params(
@@ -227,7 +228,8 @@ def cross_entropy(
         reduction = nn.modules.loss._Reduction.legacy_get_string(size_average, reduce)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    reward = _reward_config(config, beta, k, lambda_head, lambda_tail, positive_reward)
+    reward = _reward_config(config, beta=beta, k=k, lambda_head=lambda_head, lambda_tail=lambda_tail,
+                            positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
     if _check_tensors(input, target, weight):
         return _probability_targets(input, target, weight, reduction, params, return_stats, backend)
@@ -267,7 +269,12 @@ def cross_entropy(
 
 
 class PrecisionCrossEntropyLoss(nn.Module):
-    """``nn.CrossEntropyLoss`` with the generalised reward; arguments as in ``cross_entropy``."""
+    """``nn.CrossEntropyLoss`` with the generalised reward.
+
+    Takes ``nn.CrossEntropyLoss``'s arguments, then ``config`` or the reward fields (``beta``,
+    ``k``, ``lambda_head``, ``lambda_tail``, ``positive_reward``), ``z_loss``, ``softcap`` and
+    ``backend``, all as in ``cross_entropy``.
+    """
 
     def __init__(
         self,
@@ -278,15 +285,11 @@ class PrecisionCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
-        beta: float = 0.0,
-        k: int = 100,
-        lambda_head: float = 0.0,
-        lambda_tail: float = 0.0,
-        positive_reward: str = "power",
         config: RewardConfig | None = None,
         z_loss: float = 0.0,
         softcap: float | None = None,
         backend: Backend = "auto",
+        **reward: Any,
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -295,7 +298,7 @@ class PrecisionCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
-        self.config = _reward_config(config, beta, k, lambda_head, lambda_tail, positive_reward)
+        self.config = _reward_config(config, **reward)
         _loss_params(self.config, ignore_index, label_smoothing, z_loss, softcap)
         self.z_loss = z_loss
         self.softcap = softcap

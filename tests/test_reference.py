@@ -212,6 +212,10 @@ def test_module_mirrors_cross_entropy_loss() -> None:
         shaped(logits, target), cross_entropy(logits, target, beta=-0.25, reduction="sum")
     )
     assert "beta=-0.25" in repr(shaped)
+    by_field = PrecisionCrossEntropyLoss(beta=-0.25, k=3, lambda_tail=-0.1)
+    assert by_field.config == RewardConfig(beta=-0.25, k=3, lambda_tail=-0.1)
+    with pytest.raises(TypeError, match="gamma"):
+        PrecisionCrossEntropyLoss(gamma=2.0)
 
 
 def test_presets_are_the_papers_settings() -> None:
