@@ -113,42 +113,59 @@ def target_weight(
     return log_w.clamp(max=LOG_WEIGHT_MAX).exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
 
 
-def head_mask(
-    x: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top-k head K of each row with the spec's tie rule (stable descending order).
+class Head(NamedTuple):
+    """The top-k head K of each row and the sums over it, all shaped (rows,)."""
 
-    x: raw logits (rows, V). Returns (mask (rows, V) bool, threshold (rows,), last_tie (rows,)):
-    K holds every logit above the k-th largest value ``threshold`` and, of those equal to it, the
-    ones at index <= ``last_tie`` (lower vocabulary index first; V - 1 when all ties are in K).
+    threshold: torch.Tensor  # the k-th largest raw logit
+    last_tie: torch.Tensor  # logits equal to threshold are in K up to this index (V - 1: all)
+    target_in: torch.Tensor  # bool: the target is in K
+    mass: torch.Tensor  # sum of pi over K
+    mass_others: torch.Tensor  # the same without the target
+    plogp_others: torch.Tensor  # sum of pi log pi over K without the target
+
+
+def head_of(
+    x: torch.Tensor, y: torch.Tensor, k: int, softcap: float | None, row_max: torch.Tensor,
+    log_sum_exp: torch.Tensor,
+) -> Head:
+    """K = the first k positions of a stable descending sort of the raw logits x (rows, V).
+
+    The sums over K need only the k largest values: equal logits have equal probabilities, so
+    they do not depend on which of several tied indices ``topk`` returns. Index order matters
+    only for membership: of the ties at the threshold, the lower indices enter K first.
+    y: targets (rows, 1); softcap, row_max and log_sum_exp (rows,) turn logits into log pi.
     """
     vocab = x.shape[-1]
-    threshold = x.topk(k, dim=-1, sorted=False).values.amin(-1)
-    ties = x == threshold[:, None]
-    ties_wanted = k - (x > threshold[:, None]).sum(-1)
+    top = x.topk(min(k + 1, vocab), dim=-1).values  # descending; one extra to spot crowded ties
+    threshold = top[:, k - 1]
+    ties_wanted = (top[:, :k] == threshold[:, None]).sum(-1)
     last_tie = torch.full_like(ties_wanted, vocab - 1)
-    crowded = ties.sum(-1) > ties_wanted  # rows where some ties stay outside K (rare)
-    if crowded.any():
-        # Index of the ties_wanted-th tie: the positions whose running tie count is below it.
-        running = ties[crowded].cumsum(-1)
-        last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
-    return in_head(x, threshold, last_tie), threshold, last_tie
+    if k < vocab:
+        crowded = top[:, k] == threshold  # some logits equal to the threshold stay outside K
+        if crowded.any():
+            # The ties_wanted-th tie's index: the positions whose running tie count is below it.
+            running = (x[crowded] == threshold[crowded, None]).cumsum(-1)
+            last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
+    x_y = x.gather(1, y)[:, 0]
+    target_in = (x_y > threshold) | ((x_y == threshold) & (y[:, 0] <= last_tie))
+    log_p_top = (apply_softcap(top[:, :k], softcap) - row_max[:, None]) - log_sum_exp[:, None]
+    p_top = log_p_top.exp()
+    # The target's own entry among the top values: the first one equal to its logit.
+    own = (top[:, :k] == x_y[:, None]) & target_in[:, None]
+    own &= own.cumsum(-1) == 1
+    p_others = p_top.masked_fill(own, 0.0)
+    return Head(threshold, last_tie, target_in, p_top.sum(-1), p_others.sum(-1),
+                _xlogy_safe(p_others, log_p_top).sum(-1))
 
 
 def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
-    """Membership of K from the saved threshold and last tie index (see ``head_mask``)."""
+    """Membership of K (rows, V) from the threshold and last tie index (see ``Head``)."""
     head = x >= threshold[:, None]
     cut = last_tie < x.shape[-1] - 1
     if cut.any():
         index = torch.arange(x.shape[-1], device=x.device)
         head[cut] &= (x[cut] > threshold[cut, None]) | (index <= last_tie[cut, None])
     return head
-
-
-def rank_rewards(head: torch.Tensor, lambda_head: float, lambda_tail: float,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """lambda_head inside K, lambda_tail outside, in ``dtype`` (not rounded through fp32)."""
-    return torch.full(head.shape, lambda_tail, dtype=dtype, device=head.device).masked_fill_(head, lambda_head)
 
 
 def target_rank(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -186,6 +203,8 @@ def forward(
     eps = params.label_smoothing
     cdt = compute_dtype(logits.dtype)
     needs_rank = reward.needs_rank(vocab)
+    uniform_lambda = reward.uniform_lambda(vocab)
+    has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
     class_weight = None if weight is None else weight.to(cdt)
     class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
 
@@ -210,32 +229,39 @@ def forward(
         log_p = z_shifted - log_sum_exp[:, None]
         p = log_p.exp()
         log_pi_y = log_p.gather(1, y)[:, 0]
-        p_others = p.scatter(1, y, 0.0)
         # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
-        log1m_pi_y = p_others.sum(-1).log()
+        log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
         w_y, w_y_times_1m, target_term = target_weight(
             log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
         )
 
-        head = None
+        pi_y = log_pi_y.exp()
+        one_minus_pi_y = log1m_pi_y.exp()
+        if has_negatives or with_stats:
+            plogp = _xlogy_safe(p, log_p).sum(-1)  # sum_a pi_a log pi_a
+            plogp_others = plogp - _xlogy_safe(pi_y, log_pi_y)
         if needs_rank or with_stats:
-            head, threshold, last_tie = head_mask(x, min(reward.k, vocab))
-            state.threshold[chunk] = threshold
-            state.last_tie[chunk] = last_tie
-        if needs_rank:
-            lam = rank_rewards(head, reward.lambda_head, reward.lambda_tail, cdt)
-        else:
-            lam = reward.uniform_lambda(vocab)
+            head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
+            state.threshold[chunk] = head.threshold
+            state.last_tie[chunk] = head.last_tie
 
-        # Shaped negatives w_a = lambda_a pi_a, a != y.
-        negative = lam * p_others
-        negative_loss = -_xlogy_safe(negative, log_p).sum(-1)
+        # Shaped negatives w_a = lambda_a pi_a (a != y): only their sums, over the wrong tokens
+        # in K and over all wrong tokens, enter the loss and W.
+        if not has_negatives:
+            negative_mass, negative_loss = 0.0, 0.0
+        elif needs_rank:
+            lambda_head, lambda_tail = reward.lambda_head, reward.lambda_tail
+            negative_mass = lambda_tail * one_minus_pi_y + (lambda_head - lambda_tail) * head.mass_others
+            negative_loss = -(lambda_tail * plogp_others + (lambda_head - lambda_tail) * head.plogp_others)
+        else:
+            negative_mass = uniform_lambda * one_minus_pi_y
+            negative_loss = -uniform_lambda * plogp_others
 
         c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
         scale = c_y * (1.0 - eps) * valid_c
         smooth = eps / vocab * valid_c
         row_loss = scale * (target_term + negative_loss)
-        w_rest = scale * negative.sum(-1)  # W without the target's own weight
+        w_rest = scale * negative_mass  # W without the target's own weight
         if eps > 0.0:
             c_log_p = log_p if class_weight is None else class_weight * log_p
             row_loss = row_loss - smooth * c_log_p.sum(-1)
@@ -246,8 +272,6 @@ def forward(
         else:
             z_loss_grad = 0.0
 
-        pi_y = log_pi_y.exp()
-        one_minus_pi_y = log1m_pi_y.exp()
         w_y_final = scale * w_y + smooth * c_y
         loss[chunk] = torch.where(valid, row_loss, 0.0)
         state.row_max[chunk] = row_max
@@ -261,10 +285,10 @@ def forward(
         )
 
         if with_stats:
-            stats.entropy[chunk] = -_xlogy_safe(p, log_p).sum(-1).float()
+            stats.entropy[chunk] = -plogp.float()
             stats.lse[chunk] = lse.float()
             stats.target_rank[chunk] = torch.where(valid, target_rank(x, y[:, 0]), 0).float()
-            stats.topk_mass[chunk] = (p * head).sum(-1).float()
+            stats.topk_mass[chunk] = head.mass.float()
     return loss, state, (stats if with_stats else None)
 
 
@@ -291,7 +315,7 @@ def backward(
         p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
         if needs_rank:
             head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
-            coef = s.coef - s.scale * rank_rewards(head, reward.lambda_head, reward.lambda_tail, cdt)
+            coef = torch.where(head, s.coef - s.scale * reward.lambda_head, s.coef - s.scale * reward.lambda_tail)
         else:
             coef = s.coef - s.scale * reward.uniform_lambda(vocab)
         g = p * coef
