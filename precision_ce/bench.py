@@ -23,8 +23,10 @@ What is measured, per candidate and case:
 
 Repeats are interleaved: each repeat visits every candidate once (fwd, then fwd+bwd), in an order
 rotated by one per repeat, so slow drifts of a noisy machine hit all candidates alike. The CPU timer
-is ``torch.utils.benchmark.Timer.timeit`` (with the process's thread count), the CUDA timer
-``triton.testing.do_bench`` (median, L2 flushed between calls).
+is ``torch.utils.benchmark.Timer`` (with the process's thread count; a sample repeats the call
+until it lasts ``--min-time``), the CUDA timer ``triton.testing.do_bench`` (median, L2 flushed
+between calls), except that calls longer than ``--rep-ms`` are timed once per sample with CUDA
+events. A candidate gets fewer samples when its samples would exceed ``--max-candidate-seconds``.
 
 Only the standard library is imported at module level: ``precision-ce --help`` stays fast.
 """
@@ -87,25 +89,26 @@ DEFAULT_CUDA_CASES: tuple[tuple[str, int, int], ...] = (
 DEFAULT_CUDA_SHAPES = "16384x32000,16384x128256,16384x151936"
 DEFAULT_CUDA_DTYPES = "bf16"
 
+DEFAULT_REPEATS = {"cpu": 5, "cuda": 3}
 DEFAULT_COMPILE_PRESETS = {"cpu": "precision,tail_penalty", "cuda": "all"}
-"""Presets whose torch backend is wrapped in torch.compile by default. On CPU each costs about
-25 s of compilation per case, so the default keeps one beta-only and one top-k preset."""
+"""Presets whose torch backend is wrapped in torch.compile by default. On CPU each costs 10-25 s
+of compilation per case, so the default keeps one beta-only and one top-k preset."""
 DEFAULT_COMPILE_MAX_ELEMENTS = 1 << 23
 """torch.compile of the torch backend only for N * V up to this: Dynamo unrolls the backend's
 row-chunk loop (one chunk per 2**21 logits), and compile time grows with the number of chunks
-(measured on 2 CPU cores: ~25 s at 1024 x 8192, 4 chunks; ~260 s at 4096 x 32000, 63 chunks)."""
+(measured on 2 CPU cores: 10-25 s at 1024 x 8192, 4 chunks; 260 s at 4096 x 32000, 63 chunks)."""
 
-PEAK_HBM_BYTES_PER_S: dict[str, float] = {
-    "H200": 4.8e12,
-    "H100 PCIe": 2.0e12,
-    "H100": 3.35e12,
-    "H800": 3.35e12,
-    "B200": 8.0e12,
-    "A100 80GB": 2.039e12,
-    "A100": 1.555e12,
-    "L40S": 0.864e12,
-}
-"""Datasheet peak memory bandwidth by GPU name (first substring match in this order)."""
+PEAK_HBM_BYTES_PER_S: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 4.8e12),
+    (("H100", "PCIe"), 2.0e12),
+    (("H100",), 3.35e12),
+    (("H800",), 3.35e12),
+    (("B200",), 8.0e12),
+    (("A100", "80GB"), 2.039e12),
+    (("A100",), 1.555e12),
+    (("L40S",), 0.864e12),
+)
+"""Datasheet peak memory bandwidth by GPU name: the first entry whose substrings all occur."""
 
 TRITON_CPU_SKIP = (
     "skipped: the Triton backend needs CUDA; on CPU only the Triton interpreter "
@@ -200,8 +203,9 @@ def assumed_hbm_bytes(tokens: int, vocab: int, element_size: int) -> int:
 
 def peak_hbm_bandwidth(device_name: str) -> float | None:
     """Datasheet peak bandwidth (bytes/s) for a GPU name, or None when not in the table."""
-    for key, value in PEAK_HBM_BYTES_PER_S.items():
-        if key.lower() in device_name.lower():
+    name = device_name.lower()
+    for parts, value in PEAK_HBM_BYTES_PER_S:
+        if all(part.lower() in name for part in parts):
             return value
     return None
 
@@ -368,18 +372,19 @@ def build_candidates(case: Case, presets: Sequence[str], compile_presets: Sequen
         if not compile_enabled:
             compiled.skip = "skipped: --no-compile"
         elif name not in compile_presets:
-            compiled.skip = (f"skipped: not in --compile-presets (about 25 s of compilation per case "
+            compiled.skip = (f"skipped: not in --compile-presets (10-25 s of compilation per case "
                              f"on CPU); default {DEFAULT_COMPILE_PRESETS[case.device]!r}")
         elif case.elements > compile_max_elements:
             compiled.skip = (f"skipped: N*V = {case.elements} > --compile-max-elements "
                              f"{compile_max_elements}; Dynamo unrolls the torch backend's {chunks} "
-                             f"row chunks (compile ~260 s at 4096x32000 on 2 CPU cores)")
+                             f"row chunks (compile took 260 s at 4096x32000, 63 chunks, on 2 CPU cores)")
         else:
             compiled.make = _compiled(lambda c=config: _precision_ce_loss(c, "torch"))
         candidates.append(compiled)
 
     liger = Candidate("liger_cross_entropy", "liger", "cross_entropy", reference=BASELINE_CANDIDATE,
-                      mutates_input=True)
+                      mutates_input=True,
+                      note="writes the gradient into the logits' storage: its extra peak excludes it")
     if importlib.util.find_spec("liger_kernel") is None:
         liger.skip = "skipped: Liger-Kernel is not installed (pip install liger-kernel)"
     elif not on_cuda:
@@ -392,6 +397,21 @@ def build_candidates(case: Case, presets: Sequence[str], compile_presets: Sequen
 
 # --------------------------------------------------------------------------------------------
 # Measuring
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """How one timing sample of a function is taken.
+
+    calls: CPU, calls per ``Timer`` sample (so that a sample lasts at least ``--min-time``).
+    one_shot: CUDA, time a single call with CUDA events instead of ``do_bench`` (calls longer
+    than ``--rep-ms``, where do_bench's 5 estimation calls plus warm-up would dominate the cost).
+    seconds: estimated wall time of one sample.
+    """
+
+    calls: int
+    one_shot: bool
+    seconds: float
 
 
 class Timing:
@@ -409,27 +429,50 @@ class Timing:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
-    def calls_per_sample(self, fn: Callable[[], object]) -> int:
-        """CPU: how many calls make one sample last about ``min_time_s`` (one call at least)."""
-        if self.device == "cuda":
-            return 1
+    def once_s(self, fn: Callable[[], object]) -> float:
+        """Wall seconds of one call of ``fn`` (device synchronized before and after)."""
+        self.synchronize()
         start = time.perf_counter()
         fn()
-        elapsed = time.perf_counter() - start
-        return max(1, min(10_000, math.ceil(self.min_time_s / max(elapsed, 1e-9))))
+        self.synchronize()
+        return time.perf_counter() - start
 
-    def time_ms(self, fn: Callable[[], object], calls: int) -> float:
-        """One timing sample of ``fn`` in ms per call."""
+    def plan(self, call_s: float) -> SamplePlan:
+        """The ``SamplePlan`` for a function whose call takes about ``call_s`` seconds."""
+        call_s = max(call_s, 1e-9)
+        if self.device == "cuda":
+            if call_s * 1e3 >= self.rep_ms:
+                return SamplePlan(1, True, call_s)
+            return SamplePlan(1, False, (self.warmup_ms + self.rep_ms) / 1e3 + 7 * call_s)
+        calls = max(1, min(10_000, math.ceil(self.min_time_s / call_s)))
+        return SamplePlan(calls, False, calls * call_s)
+
+    def time_ms(self, fn: Callable[[], object], plan: SamplePlan) -> float:
+        """One timing sample of ``fn``: ms per call."""
         import torch
 
         if self.device == "cuda":
+            if plan.one_shot:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                return float(start.elapsed_time(end))
             from triton.testing import do_bench
 
             return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
         from torch.utils.benchmark import Timer
 
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        return timer.timeit(calls).median * 1e3
+        # Timer.timeit(n) runs max(n // 100, 2) warm-up calls before every sample, which triples
+        # the cost of the large cases (n = 1). Candidates are warmed up once by the harness, so
+        # the sample is taken with the Timer's inner loop alone (same clock, same thread count).
+        inner = getattr(timer, "_timeit", None)
+        if inner is None:
+            return timer.timeit(plan.calls).median * 1e3
+        return inner(plan.calls) / plan.calls * 1e3
 
     def peak_extra_bytes(self, fn: Callable[[], object]) -> int:
         """Peak bytes allocated while ``fn()`` runs, above what was allocated before it.
@@ -506,8 +549,9 @@ class _Active:
     candidate: Candidate
     fwd: Callable[[], object]
     fwd_bwd: Callable[[], object]
-    fwd_calls: int
-    fwd_bwd_calls: int
+    fwd_plan: SamplePlan
+    fwd_bwd_plan: SamplePlan
+    samples: int
     notes: list[str]
     compile_s: float | None = None
     fwd_ms: list[float] = dataclasses.field(default_factory=list)
@@ -528,10 +572,12 @@ def make_inputs(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _warm_up(case: Case, candidate: Candidate, logits: torch.Tensor, target: torch.Tensor,
-             timing: Timing, losses: dict[str, float]) -> _Active:
-    """Build the candidate, run one fwd+bwd (compiling if needed), check its loss, calibrate.
+             timing: Timing, losses: dict[str, float], repeats: int, max_seconds: float) -> _Active:
+    """Build the candidate, run one fwd+bwd (compiling if needed), check its loss, plan its samples.
 
-    Raises whatever the candidate raises; records its loss value in ``losses`` by label.
+    The number of samples is ``repeats``, or fewer (one at least) when that many would take
+    longer than ``max_seconds``. Raises whatever the candidate raises; records its loss value
+    in ``losses`` by label.
     """
     import torch
 
@@ -546,13 +592,15 @@ def _warm_up(case: Case, candidate: Candidate, logits: torch.Tensor, target: tor
         return torch.autograd.grad(loss_fn(x, target), x)
 
     notes = [candidate.note] if candidate.note else []
+    timing.synchronize()
     start = time.perf_counter()
     loss = loss_fn(x, target)
     torch.autograd.grad(loss, x)
     value = float(loss.detach().float())
+    first_call_s = time.perf_counter() - start
     compile_s = None
     if candidate.compiled:
-        compile_s = time.perf_counter() - start
+        compile_s = first_call_s
         notes.append(f"first call (compile) {compile_s:.1f} s")
     if not math.isfinite(value):
         notes.append(f"loss is {value}")
@@ -560,13 +608,25 @@ def _warm_up(case: Case, candidate: Candidate, logits: torch.Tensor, target: tor
     reference = losses.get(candidate.reference or "")
     if reference is not None and not _loss_close(value, reference, case.dtype):
         notes.append(f"loss {value:.6g} differs from {candidate.reference}'s {reference:.6g}")
-    fwd_bwd_calls = timing.calls_per_sample(fwd_bwd)
-    fwd_calls = timing.calls_per_sample(fwd)
-    return _Active(candidate, fwd, fwd_bwd, fwd_calls, fwd_bwd_calls, notes, compile_s)
+
+    # A first call on CPU is representative once it is long (no JIT there unless compiled);
+    # short ones and every first call on CUDA (kernel compilation, autotuning) are re-measured.
+    reuse_first = case.device == "cpu" and not candidate.compiled and first_call_s >= timing.min_time_s
+    fwd_bwd_plan = timing.plan(first_call_s if reuse_first else timing.once_s(fwd_bwd))
+    if reuse_first and first_call_s / 4 >= timing.min_time_s:
+        fwd_plan = timing.plan(first_call_s / 2)  # one call per sample either way; no calibration call
+    else:
+        fwd_plan = timing.plan(timing.once_s(fwd))
+    affordable = max_seconds / (fwd_plan.seconds + fwd_bwd_plan.seconds)
+    samples = repeats if affordable >= repeats else max(1, int(affordable))
+    if samples < repeats:
+        notes.append(f"{samples} of {repeats} samples (--max-candidate-seconds {max_seconds:g})")
+    return _Active(candidate, fwd, fwd_bwd, fwd_plan, fwd_bwd_plan, samples, notes, compile_s)
 
 
 def bench_case(case: Case, candidates: Sequence[Candidate], timing: Timing, repeats: int, seed: int,
-               progress: Any = None, peak_bandwidth: float | None = None) -> list[dict[str, Any]]:
+               progress: Any = None, peak_bandwidth: float | None = None,
+               max_candidate_seconds: float = math.inf) -> list[dict[str, Any]]:
     """Measure every runnable candidate of ``case``; one result row (dict) per candidate.
 
     Rows hold times in ms, ``peak_extra_mb`` and notes; ratios are added later by ``add_ratios``.
@@ -589,7 +649,8 @@ def bench_case(case: Case, candidates: Sequence[Candidate], timing: Timing, repe
         if candidate.skip or candidate.make is None:
             continue
         try:
-            active.append(_warm_up(case, candidate, logits, target, timing, losses))
+            active.append(_warm_up(case, candidate, logits, target, timing, losses, repeats,
+                                   max_candidate_seconds))
         except Exception as error:  # a candidate that cannot run is reported, never fatal
             rows[candidate.label]["note"] = "; ".join(filter(None, [candidate.note, _failure_note(error)]))
             _free_device_memory(case.device)
@@ -603,10 +664,10 @@ def bench_case(case: Case, candidates: Sequence[Candidate], timing: Timing, repe
     for repeat in range(repeats):
         shift = repeat % max(len(active), 1)
         for state in active[shift:] + active[:shift]:
-            if not state.failed:
+            if not state.failed and repeat < state.samples:
                 try:
-                    fwd_ms = timing.time_ms(state.fwd, state.fwd_calls)
-                    fwd_bwd_ms = timing.time_ms(state.fwd_bwd, state.fwd_bwd_calls)
+                    fwd_ms = timing.time_ms(state.fwd, state.fwd_plan)
+                    fwd_bwd_ms = timing.time_ms(state.fwd_bwd, state.fwd_bwd_plan)
                     state.fwd_ms.append(fwd_ms)
                     state.fwd_bwd_ms.append(fwd_bwd_ms)
                 except Exception as error:
@@ -692,27 +753,42 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
             writer.writerow({key: _fmt(row.get(key), 6) for key in CSV_COLUMNS})
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown tables, one per case, of the measured candidates, then the skipped ones grouped."""
-    lines: list[str] = []
+TABLE_LEGEND = (
+    "Times: medians over interleaved repeats (ms); bwd = fwd+bwd minus fwd of the same repeat. "
+    "IQR: interquartile range of fwd+bwd over its median. x F.ce: fwd+bwd time over F.cross_entropy's "
+    "in the same case. Peak extra: most memory allocated during one fwd+bwd above the live inputs, "
+    "gradient included (MiB = 2**20 bytes), and as a multiple of the logits' size."
+)
+CUDA_LEGEND = (
+    " TB/s: assumed traffic 2 x N x V x element size (logits read once, gradient written once) over "
+    "the fwd+bwd time, a lower bound on the bandwidth achieved; of peak: over the datasheet peak."
+)
+
+
+def _by_case(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
     cases: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
         cases.setdefault(case_key(row), []).append(row)
+    return cases
+
+
+def _is_skipped(row: dict[str, Any]) -> bool:
+    return row.get("fwd_bwd_ms") is None and str(row.get("note") or "").startswith("skipped")
+
+
+def format_measured(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown tables, one per case, of every candidate that was not skipped."""
+    lines: list[str] = []
     on_cuda = any(row["device"] == "cuda" for row in rows)
     header = ["candidate", "fwd ms", "bwd ms", "fwd+bwd ms", "IQR", "x F.ce", "peak extra MiB",
               "x logits"] + (["TB/s", "of peak"] if on_cuda else []) + ["note"]
-    skipped: dict[tuple[str, str], list[str]] = {}
-    for (device, dtype, tokens, vocab), case_rows in cases.items():
-        lines.append(f"\n{device} {dtype}, {tokens} x {vocab} logits")
-        lines.append("")
+    for (device, dtype, tokens, vocab), case_rows in _by_case(rows).items():
+        lines += ["", f"{device} {dtype}, {tokens} x {vocab} logits", ""]
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join("---" if i == 0 or i == len(header) - 1 else "---:"
+        lines.append("|" + "|".join("---" if i in (0, len(header) - 1) else "---:"
                                     for i in range(len(header))) + "|")
         for row in case_rows:
-            note = row.get("note") or ""
-            if row.get("fwd_bwd_ms") is None and note.startswith("skipped"):
-                skipped.setdefault((candidate_label(row).split(" ")[0], note), []).append(
-                    f"{row['preset']}@{tokens}x{vocab}")
+            if _is_skipped(row):
                 continue
             cells = [
                 candidate_label(row), _fmt(row.get("fwd_ms")), _fmt(row.get("bwd_ms")),
@@ -722,27 +798,64 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 _fmt(row.get("peak_extra_x_logits")),
             ]
             if on_cuda:
-                cells += [_fmt(row.get("hbm_tbs")),
-                          "" if row.get("hbm_fraction_of_peak") is None
-                          else f"{100 * row['hbm_fraction_of_peak']:.0f}%"]
-            cells.append(note.replace("|", "/"))
+                fraction = row.get("hbm_fraction_of_peak")
+                cells += [_fmt(row.get("hbm_tbs")), "" if fraction is None else f"{100 * fraction:.0f}%"]
+            cells.append(str(row.get("note") or "").replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
-    if skipped:
-        lines.append("\nSkipped:")
-        for (name, note), where in skipped.items():
-            presets = sorted({w.split("@")[0] for w in where})
-            shapes = sorted({w.split("@")[1] for w in where}, key=lambda s: [int(p) for p in s.split("x")])
-            reason = note.removeprefix("skipped: ")
-            lines.append(f"- {name} ({', '.join(presets)}; {', '.join(shapes)}): {reason}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def write_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """``time_vs_vocab.png`` and ``memory_vs_vocab.png``; one panel column per dtype.
+def format_skipped(rows: Sequence[dict[str, Any]]) -> str:
+    """The skipped candidates, grouped by reason, with the presets and shapes they cover."""
+    skipped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if _is_skipped(row):
+            name = candidate_label(row).split(" ")[0]
+            skipped.setdefault((name, str(row["note"])), []).append(row)
+    if not skipped:
+        return ""
+    lines = ["Skipped:"]
+    for (name, note), group in skipped.items():
+        presets = sorted({str(r["preset"]) for r in group})
+        shapes = sorted({(int(r["tokens"]), int(r["vocab"])) for r in group})
+        where = ", ".join(f"{t}x{v}" for t, v in shapes)
+        lines.append(f"- {name} ({', '.join(presets)}; {where}): {note.removeprefix('skipped: ')}")
+    return "\n".join(lines) + "\n"
 
-    Time is fwd+bwd per token (us/token, log scale) so that cases with different token counts
-    share an axis; the lower row is the ratio to F.cross_entropy. Memory is the extra peak in
-    MiB per 1024 tokens (log) and as a multiple of the logits' size.
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Legend, the per-case tables of ``format_measured`` and the list of ``format_skipped``."""
+    legend = TABLE_LEGEND + (CUDA_LEGEND if any(row["device"] == "cuda" for row in rows) else "")
+    return "\n".join(filter(None, [legend + "\n", format_measured(rows), format_skipped(rows)]))
+
+
+PRESET_COLORS: dict[str, str] = {
+    "cross_entropy": "tab:blue", "precision": "tab:orange", "diversity": "tab:green",
+    "tail_penalty": "tab:red", "head_reward": "tab:purple",
+}
+PEER_STYLES: dict[str, tuple[str, str]] = {
+    "F.cross_entropy": ("black", "-"),
+    "torch.compile(F.cross_entropy)": ("dimgray", "--"),
+    "liger_cross_entropy": ("saddlebrown", "-."),
+}
+BACKEND_LINESTYLES: dict[str, str] = {"torch": "-", "triton": ":", "torch+inductor": "--"}
+
+
+def _line_style(row: dict[str, Any]) -> tuple[str, str]:
+    """(color, linestyle): peers by name; precision_ce colored by preset, dashed when compiled."""
+    if row["candidate"] in PEER_STYLES:
+        return PEER_STYLES[row["candidate"]]
+    return PRESET_COLORS.get(row["preset"], "tab:gray"), BACKEND_LINESTYLES.get(row["backend"], "-")
+
+
+def write_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """``time_vs_vocab.png`` and ``memory_vs_vocab.png``, one panel column per dtype.
+
+    x: vocabulary size (log). Time: fwd+bwd median in ms (log) above, the ratio to
+    F.cross_entropy of the same case (log) below. Memory: extra peak in MiB (log) above, as a
+    multiple of the logits' size below. Lines join the cases of equal token count; the marker
+    says which token count. Colors: preset; line style: backend (solid torch, dotted triton,
+    dashed torch.compile); black/gray/brown: F.cross_entropy, its torch.compile, Liger.
     """
     import matplotlib
 
@@ -755,42 +868,42 @@ def write_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     dtypes = sorted({row["dtype"] for row in measured})
     labels = list(dict.fromkeys(candidate_label(row) for row in measured))
     token_counts = sorted({int(row["tokens"]) for row in measured})
-    markers = dict(zip(token_counts, "osD^v<>p*h", strict=False))
-    colors = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    markers = dict(zip(token_counts, "os^Dv<>p*h", strict=False))
     device = measured[0]["device"]
-    paths = []
-    panels = [
-        ("time_vs_vocab.png", "fwd+bwd time per token (us)",
-         lambda r: r["fwd_bwd_ms"] * 1e3 / int(r["tokens"]), True,
-         "fwd+bwd time / F.cross_entropy", lambda r: r.get("ratio_vs_torch_ce"), False),
-        ("memory_vs_vocab.png", "extra peak memory per 1024 tokens (MiB)",
-         lambda r: None if r.get("peak_extra_mb") is None else r["peak_extra_mb"] * 1024 / int(r["tokens"]),
-         True, "extra peak memory / logits size", lambda r: r.get("peak_extra_x_logits"), False),
+    figures = [
+        ("time_vs_vocab.png",
+         ("fwd+bwd time (ms, median)", lambda r: r.get("fwd_bwd_ms"), True),
+         ("fwd+bwd time / F.cross_entropy", lambda r: r.get("ratio_vs_torch_ce"), True)),
+        ("memory_vs_vocab.png",
+         ("extra peak memory (MiB)", lambda r: r.get("peak_extra_mb"), True),
+         ("extra peak memory / logits size", lambda r: r.get("peak_extra_x_logits"), False)),
     ]
-    for filename, top_label, top_value, top_log, bottom_label, bottom_value, bottom_log in panels:
-        fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes) + 3.5, 8.5), squeeze=False,
-                                 sharex=True)
+    paths = []
+    for filename, *panels in figures:
+        fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 8.5), squeeze=False, sharex=True)
         for column, dtype in enumerate(dtypes):
-            for row_index, (value, ylabel, log) in enumerate(
-                    [(top_value, top_label, top_log), (bottom_value, bottom_label, bottom_log)]):
-                ax = axes[row_index][column]
+            for panel, (ylabel, value, log) in enumerate(panels):
+                ax = axes[panel][column]
                 for label in labels:
                     for tokens in token_counts:
-                        points = sorted(
-                            (int(r["vocab"]), value(r)) for r in measured
-                            if candidate_label(r) == label and r["dtype"] == dtype
-                            and int(r["tokens"]) == tokens and value(r) is not None)
-                        if not points:
+                        chosen = sorted(
+                            (r for r in measured if candidate_label(r) == label and r["dtype"] == dtype
+                             and int(r["tokens"]) == tokens and value(r) is not None),
+                            key=lambda r: int(r["vocab"]))
+                        if not chosen:
                             continue
-                        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[tokens],
-                                color=colors[label], linestyle="-" if "compile" not in label else "--",
-                                label=label)
+                        color, linestyle = _line_style(chosen[0])
+                        ax.plot([int(r["vocab"]) for r in chosen], [value(r) for r in chosen],
+                                marker=markers[tokens], color=color, linestyle=linestyle, label=label,
+                                markersize=6, alpha=0.85)
                 ax.set_xscale("log")
                 if log:
                     ax.set_yscale("log")
+                if panel == 1 and filename.startswith("time"):
+                    ax.axhline(1.0, color="black", linewidth=0.8)
                 ax.set_ylabel(ylabel)
                 ax.grid(True, which="both", alpha=0.3)
-                if row_index == 0:
+                if panel == 0:
                     ax.set_title(f"{device} {dtype}")
                 else:
                     ax.set_xlabel("vocabulary size V")
@@ -798,12 +911,11 @@ def write_figures(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         for ax in axes.flat:
             for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
                 unique.setdefault(name, handle)
-        marker_note = ", ".join(f"{markers[t]} = {t} tokens" for t in token_counts)
-        fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8,
-                   title=f"markers: {marker_note}", title_fontsize=8)
-        fig.tight_layout(rect=(0, 0, 1 - 3.5 / (6.5 * len(dtypes) + 3.5), 1))
+        marker_note = ", ".join(f"{markers[t]}: {t} tokens" for t in token_counts)
+        axes[0][-1].legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                           fontsize=8, title=f"markers  {marker_note}", title_fontsize=8)
         path = out_dir / filename
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -840,8 +952,13 @@ def environment(device: str, args: argparse.Namespace) -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "git_commit": _git_commit(),
-        "timer": ("triton.testing.do_bench (median per sample)" if device == "cuda"
-                  else "torch.utils.benchmark.Timer.timeit (ms per call)"),
+        "environment_variables": {name: os.environ[name] for name in (
+            "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+            if name in os.environ},
+        "timer": ("triton.testing.do_bench, median (one sample); calls longer than --rep-ms: one "
+                  "call per sample timed with CUDA events" if device == "cuda" else
+                  "torch.utils.benchmark.Timer inner loop (ms per call), each sample repeating the "
+                  "call until it lasts --min-time"),
         "peak_memory": ("torch.cuda.max_memory_allocated - memory_allocated before, one fwd+bwd"
                         if device == "cuda" else
                         "torch.profiler CPU allocator events (profile_memory=True), peak of the running "
@@ -912,8 +1029,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"cuda: see --shapes)")
     parser.add_argument("--presets", default="all",
                         help=f"comma list of presets for precision_ce, or all (of {', '.join(PRESET_NAMES)})")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved timing samples per candidate and case (default 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved timing samples per candidate and case (default cpu 5, cuda 3; "
+                             "a CUDA sample is itself the median of do_bench's many calls)")
+    parser.add_argument("--max-candidate-seconds", type=float, default=60.0,
+                        help="take fewer samples (one at least) of a candidate whose samples would "
+                             "take longer than this in one case, estimated from its first call "
+                             "(default 60)")
     parser.add_argument("--compile-presets", default=None,
                         help="presets whose torch backend is also timed under torch.compile, 'all' or "
                              f"'none' (default cpu: {DEFAULT_COMPILE_PRESETS['cpu']}; cuda: all)")
@@ -923,8 +1045,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile candidate")
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="cpu: seconds one timing sample lasts at least, by repeating the call")
-    parser.add_argument("--warmup-ms", type=float, default=10.0, help="cuda: do_bench warmup per sample")
-    parser.add_argument("--rep-ms", type=float, default=40.0, help="cuda: do_bench measuring time per sample")
+    parser.add_argument("--warmup-ms", type=float, default=5.0, help="cuda: do_bench warm-up per sample")
+    parser.add_argument("--rep-ms", type=float, default=25.0,
+                        help="cuda: do_bench measuring time per sample; longer calls are timed once "
+                             "per sample with CUDA events")
     parser.add_argument("--peak-bandwidth-tbs", type=float, default=None,
                         help="cuda: peak HBM bandwidth in TB/s (default from the GPU name, H200 = 4.8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits and targets")
@@ -957,7 +1081,8 @@ def run(args: argparse.Namespace) -> int:
         if compile_text is None:
             compile_text = DEFAULT_COMPILE_PRESETS[args.device]
         compile_presets = parse_names(compile_text, PRESET_NAMES, "preset")
-        if args.repeats < 1:
+        repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS[args.device]
+        if repeats < 1:
             raise ValueError("--repeats must be >= 1")
     except ValueError as error:
         print(f"precision-ce bench: {error}", file=sys.stderr)
@@ -969,6 +1094,12 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("precision-ce bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.device == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load >= 0.5 * cores:
+            print(f"precision-ce bench: warning: load average {load:.1f} on {cores} cores; other "
+                  "processes compete for the CPU, so timings will be noisy (see the spread column)",
+                  file=sys.stderr)
     out_dir = args.out if args.out is not None else Path("benchmarks") / "results" / args.device
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -980,21 +1111,22 @@ def run(args: argparse.Namespace) -> int:
 
     plans = [(case, build_candidates(case, presets, compile_presets, not args.no_compile,
                                      args.compile_max_elements)) for case in cases]
-    total = sum((args.repeats + 2) * sum(1 for c in candidates if not c.skip) for _, candidates in plans)
+    total = sum((repeats + 2) * sum(1 for c in candidates if not c.skip) for _, candidates in plans)
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="bench", unit="step", disable=args.no_progress, file=sys.stderr,
               dynamic_ncols=True) as progress:
         for case, candidates in plans:
             if any(c.compiled and not c.skip for c in candidates):
                 torch._dynamo.reset()  # fresh caches: no recompile limit is hit across cases
-            rows.extend(bench_case(case, candidates, timing, args.repeats, args.seed, progress,
-                                   peak_bandwidth))
-    rows = add_ratios(rows)
+            case_rows = add_ratios(bench_case(case, candidates, timing, repeats, args.seed, progress,
+                                              peak_bandwidth, args.max_candidate_seconds))
+            rows.extend(case_rows)
+            progress.write(format_measured(case_rows), file=sys.stdout)
+            # Written after every case, so that a run cut short still leaves its results.
+            write_csv(rows, out_dir / "results.csv")
+            (out_dir / "results.md").write_text(format_table(rows))
 
-    table = format_table(rows)
-    print(table)
-    write_csv(rows, out_dir / "results.csv")
-    (out_dir / "results.md").write_text(table)
+    print(format_skipped(rows))
     figures: list[Path] = []
     if not args.no_figures:
         try:
