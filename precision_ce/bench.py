@@ -8,7 +8,7 @@ For every case (device, dtype, tokens N, vocabulary V) the harness builds random
 * ``precision_ce.cross_entropy(x, t, config=PRESETS[name], backend="torch")`` for each preset;
 * the same with ``backend="triton"`` (CUDA only; the Triton interpreter on CPU is far too slow);
 * ``torch.compile`` of the torch backend, for small cases only (Dynamo unrolls its row-chunk loop);
-* Liger-Kernel's ``liger_cross_entropy`` when installed (CUDA only).
+* Liger-Kernel's ``LigerCrossEntropyLoss`` when installed (CUDA only).
 
 What is measured, per candidate and case:
 
@@ -22,7 +22,9 @@ What is measured, per candidate and case:
   CPU: the allocator events of ``torch.profiler`` (``profile_memory=True``), summed in time order.
 
 Repeats are interleaved: each repeat visits every candidate once (fwd, then fwd+bwd), in an order
-rotated by one per repeat, so slow drifts of a noisy machine hit all candidates alike. The CPU timer
+shuffled per repeat (seeded), so slow drifts of a noisy machine hit all candidates alike and no
+candidate always follows the same neighbour (whose allocator and cache state it would inherit:
+with a fixed rotation, F.cross_entropy measured 1.25x its identical twin). The CPU timer
 is ``torch.utils.benchmark.Timer`` (with the process's thread count; a sample repeats the call
 until it lasts ``--min-time``), the CUDA timer ``triton.testing.do_bench`` (median, L2 flushed
 between calls), except that calls longer than ``--rep-ms`` are timed once per sample with CUDA
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -323,11 +326,17 @@ def _compiled(make: Callable[[], LossFn]) -> Callable[[], LossFn]:
 
 
 def _liger_loss() -> LossFn:
-    from liger_kernel.transformers.functional import liger_cross_entropy
+    """Liger-Kernel's ``LigerCrossEntropyLoss`` (mean reduction), or its functional form."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        liger: Callable[..., Any] = LigerCrossEntropyLoss()
+    except ImportError:
+        from liger_kernel.transformers.functional import liger_cross_entropy as liger
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        out = liger_cross_entropy(logits, target)
-        return out[0] if isinstance(out, tuple) else out
+        out = liger(logits, target)
+        return out[0] if isinstance(out, tuple) else out  # some versions also return the z-loss
 
     return loss_fn
 
@@ -662,8 +671,9 @@ def bench_case(case: Case, candidates: Sequence[Candidate], timing: Timing, repe
         step(f"warm-up {candidate.label}")
 
     for repeat in range(repeats):
-        shift = repeat % max(len(active), 1)
-        for state in active[shift:] + active[:shift]:
+        order = list(active)
+        random.Random(seed * 1_000_003 + repeat).shuffle(order)
+        for state in order:
             if not state.failed and repeat < state.samples:
                 try:
                     fwd_ms = timing.time_ms(state.fwd, state.fwd_plan)
