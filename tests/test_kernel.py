@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 from helpers import random_logits, random_targets, surrogate_loss_fp64
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from precision_ce import RewardConfig, cross_entropy
 
@@ -238,3 +240,43 @@ def test_empty_batch(device: str) -> None:
         (grad,) = torch.autograd.grad(loss, logits)
         assert grad.shape == (0, 30)
     assert cross_entropy(logits, target, reduction="none", backend="triton").shape == (0,)
+
+
+@st.composite
+def kernel_problems(draw):
+    """Small rows of any kernel dtype, with ties, -inf logits and every option drawn at random."""
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    rows, vocab = draw(st.integers(1, 4)), draw(st.integers(2, 70))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([0.5, 3.0, 20.0]))
+    logits = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale
+    if draw(st.booleans()):
+        logits = logits.round()  # ties
+    target = torch.randint(0, vocab, (rows,), generator=generator)
+    if draw(st.booleans()):
+        # -inf padding that never hides the target
+        padding = torch.rand(rows, vocab, generator=generator) < 0.3
+        padding[torch.arange(rows), target] = False
+        logits[padding] = -math.inf
+    if draw(st.booleans()):
+        target[0] = -100
+    options = dict(
+        beta=draw(st.sampled_from([0.0, -0.25, -0.7, 0.5])),
+        positive_reward=draw(st.sampled_from(["power", "focal"])),
+        k=draw(st.integers(1, vocab + 1)),
+        lambda_head=draw(st.sampled_from([0.0, 0.2, -0.3])),
+        lambda_tail=draw(st.sampled_from([0.0, -0.1, 0.15])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        z_loss=draw(st.sampled_from([0.0, 1e-3])),
+        softcap=draw(st.sampled_from([None, 5.0])),
+    )
+    if draw(st.booleans()):
+        options["weight"] = torch.rand(vocab, generator=generator) + 0.1
+    return logits.to(dtype), target, options
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kernel_problems())
+def test_kernel_matches_torch_backend_on_random_problems(device: str, problem) -> None:
+    logits, target, options = problem
+    assert_matches_torch_backend(logits, target, device, **options)
