@@ -23,9 +23,10 @@ All arithmetic is fp32 whatever the logits' dtype; offsets are int64.
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
-LOG_TINY: tl.constexpr = -103.27892990343185  # log(2**-149), fp32's smallest subnormal
-LOG_WEIGHT_MAX: tl.constexpr = 80.0  # cap of log w_y (focal reward, beta < 0, pi_y -> 1)
+# Globals a kernel reads must be tl.constexpr instances (an annotation is not enough).
+LN2 = tl.constexpr(0.6931471805599453)
+LOG_TINY = tl.constexpr(-103.27892990343185)  # log(2**-149), fp32's smallest subnormal
+LOG_WEIGHT_MAX = tl.constexpr(80.0)  # cap of log w_y (focal reward, beta < 0, pi_y -> 1)
 
 
 @triton.jit
@@ -146,7 +147,7 @@ def _radix_select(row_ptr, V, k, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
     remaining = k  # rank of the wanted key among the keys that share the prefix
     bins = tl.arange(0, 256)
     for digit_pass in tl.static_range(KEY_BITS // 8):
-        shift: tl.constexpr = KEY_BITS - 8 * (digit_pass + 1)
+        shift = KEY_BITS - 8 * (digit_pass + 1)
         histogram = tl.zeros((256,), tl.int32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -158,9 +159,9 @@ def _radix_select(row_ptr, V, k, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
         # Count from the top: the wanted key's digit is the largest d with >= remaining keys at
         # digits >= d; the keys at larger digits are all in K.
         at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
-        digit = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
-        remaining -= tl.sum(tl.where(bins > digit, histogram, 0), 0)
-        prefix = prefix | (digit.to(tl.int64) << shift)
+        chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
+        remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
+        prefix = prefix | (chosen.to(tl.int64) << shift)
     return prefix, remaining
 
 
@@ -209,6 +210,7 @@ def generalised_ce_forward(
 ):
     """Row loss and backward state. ``lambda_tail`` is the reward of every wrong token when
     HAS_HEAD is False (the host passes the uniform reward there)."""
+    tl.static_assert(HAS_HEAD or not HAS_STATS, "the top-k mass of the stats needs the head passes")
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(target_ptr + row)
