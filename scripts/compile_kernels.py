@@ -1,18 +1,25 @@
 """Compile every kernel variant for Hopper (sm_90) with Triton's NVIDIA backend; no GPU needed.
 
-Run by tests/test_compile.py in a subprocess without TRITON_INTERPRET (under the interpreter
-@triton.jit returns functions the compiler cannot take). Prints one line per variant and exits
-non-zero if any variant fails to compile.
+    python scripts/compile_kernels.py              # one line per variant; exit 1 if any fails
+    python scripts/compile_kernels.py --resources  # ptxas registers/spills at the launch config
+
+tests/test_compile.py runs it in a subprocess without TRITON_INTERPRET (under the interpreter
+@triton.jit returns functions the compiler cannot take).
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
 import os
+import subprocess
 import sys
+import tempfile
 import traceback
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "compile without the interpreter"
 
+import triton  # noqa: E402
 from precision_ce.kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -34,14 +41,30 @@ def argument_type(name: str, dtype: str) -> str:
     return "i32" if name in INTEGER_ARGS else "fp32"
 
 
-def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]) -> None:
-    """Compile one variant with the launch block size the host uses on CUDA (16 KiB of logits)."""
-    constexprs = dict(flags, BLOCK=16384 // (4 if dtype == "fp32" else 2), KEY_BITS=32 if dtype == "fp32" else 16)
+def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
+    """Compile one variant at the host's CUDA launch config (16 KiB of logits per block)."""
+    block = 16384 // (4 if dtype == "fp32" else 2)
+    constexprs = dict(flags, BLOCK=block, KEY_BITS=32 if dtype == "fp32" else 16)
     signature = {name: "constexpr" if name in constexprs else argument_type(name, dtype)
                  for name in kernel.arg_names}
     compiled = compile_kernel(ASTSource(kernel, signature, constexprs=constexprs), target=HOPPER,
-                              options={"num_warps": 8})
+                              options={"num_warps": min(16, max(4, block // 512))})
     assert compiled.asm["cubin"], "ptxas produced no machine code"
+    return compiled
+
+
+def ptxas_resources(compiled) -> str:
+    """Registers, stack and spills of a compiled kernel, from ``ptxas -v`` on its PTX."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = sorted(glob.glob(os.path.join(bin_dir, "ptxas*")))[-1]  # the newest bundled ptxas
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+        ptx.write(compiled.asm["ptx"])
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx.name, "-o", os.devnull],
+                            capture_output=True, text=True).stderr
+    os.unlink(ptx.name)
+    keep = ("Used", "spill")
+    return "; ".join(line.split("info    : ")[-1].strip() for line in report.splitlines()
+                     if any(word in line for word in keep))
 
 
 IMPLIED = {"FOCAL": "SHAPED", "HAS_STATS": "HAS_HEAD"}
@@ -69,13 +92,16 @@ def variants():
             yield f"{kernel.__name__} bf16 {flag}", kernel, "bf16", sets[flag]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resources", action="store_true", help="also print ptxas registers and spills")
+    args = parser.parse_args(argv)
     failures = 0
     print(f"variants: {len(list(variants()))}")
     for label, kernel, dtype, flags in variants():
         try:
-            compile_for_hopper(kernel, dtype, flags)
-            print(f"ok     {label}")
+            compiled = compile_for_hopper(kernel, dtype, flags)
+            print(f"ok     {label}" + (f"  [{ptxas_resources(compiled)}]" if args.resources else ""))
         except Exception:  # report every broken variant, not just the first
             failures += 1
             print(f"FAILED {label}\n{traceback.format_exc(limit=1)}")
