@@ -26,6 +26,8 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 def run(backend: str, logits: torch.Tensor, target: torch.Tensor, device: str = "cpu", **options):
     """Per-row loss (fp32), gradient (logits' dtype) and stats of one backend."""
+    options = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+               for name, value in options.items()}
     x = logits.to(device).requires_grad_()
     loss, stats = cross_entropy(x, target.to(device), reduction="none", return_stats=True,
                                 backend=backend, **options)

@@ -45,11 +45,19 @@ def problems(draw, backend: str, distinct: bool = False):
     return logits.to(dtype), target, options
 
 
+# The kernel runs compiled on CUDA when there is a GPU, else under the interpreter on the CPU.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def loss_and_grad(logits: torch.Tensor, target: torch.Tensor, **options):
-    x = logits.clone().requires_grad_()
-    loss = cross_entropy(x, target, **options)
+    """Per-row loss and gradient, computed on the backend's device and returned on the CPU."""
+    device = KERNEL_DEVICE if options["backend"] == "triton" else "cpu"
+    options = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+               for name, value in options.items()}
+    x = logits.to(device).requires_grad_()
+    loss = cross_entropy(x, target.to(device), **options)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach(), grad
+    return loss.detach().cpu(), grad.cpu()
 
 
 def tolerance(dtype: torch.dtype, magnitude: float = 4.0) -> dict[str, float]:
