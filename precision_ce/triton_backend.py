@@ -33,15 +33,20 @@ class RowState(NamedTuple):
     last_tie: torch.Tensor  # int32
 
 
+def cuda_launch_config(vocab: int, element_size: int) -> dict[str, int]:
+    """BLOCK and num_warps of both kernels on CUDA, for logits of ``element_size`` bytes."""
+    # 16 KiB of logits per block keeps loads wide; about 16 elements per thread keeps the block's
+    # live values (x, z, e^z, keys) in registers. Untuned: no GPU has timed these choices yet.
+    block = min(16384 // element_size, triton.next_power_of_2(vocab))
+    return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
+
+
 def _launch_config(vocab: int, logits: torch.Tensor) -> dict[str, int]:
     if FORCED_BLOCK is not None:
         return {"BLOCK": FORCED_BLOCK}
     if not logits.is_cuda:
         return {"BLOCK": min(1024, triton.next_power_of_2(vocab))}
-    # 16 KiB of logits per block keeps loads wide; about 16 elements per thread keeps the block's
-    # live values (x, z, e^z, keys) in registers. Untuned: no GPU has timed these choices yet.
-    block = min(16384 // logits.element_size(), triton.next_power_of_2(vocab))
-    return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
+    return cuda_launch_config(vocab, logits.element_size())
 
 
 def _key_bits(dtype: torch.dtype) -> int:

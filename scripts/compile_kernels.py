@@ -25,6 +25,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as compile_kernel  # noqa: E402
 
+from precision_ce.triton_backend import cuda_launch_config  # noqa: E402
+
 HOPPER = GPUTarget("cuda", 90, 32)
 FORWARD_FLAGS = ("SHAPED", "FOCAL", "HAS_HEAD", "HAS_STATS", "HAS_NEGATIVES", "HAS_WEIGHT",
                  "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")
@@ -43,12 +45,12 @@ def argument_type(name: str, dtype: str) -> str:
 
 def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
     """Compile one variant at the host's CUDA launch config (16 KiB of logits per block)."""
-    block = 16384 // (4 if dtype == "fp32" else 2)
-    constexprs = dict(flags, BLOCK=block, KEY_BITS=32 if dtype == "fp32" else 16)
+    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2)  # a 128K vocabulary
+    constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
     signature = {name: "constexpr" if name in constexprs else argument_type(name, dtype)
                  for name in kernel.arg_names}
     compiled = compile_kernel(ASTSource(kernel, signature, constexprs=constexprs), target=HOPPER,
-                              options={"num_warps": min(16, max(4, block // 512))})
+                              options={"num_warps": launch["num_warps"]})
     assert compiled.asm["cubin"], "ptxas produced no machine code"
     return compiled
 
