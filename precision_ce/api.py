@@ -217,8 +217,9 @@ def cross_entropy(
         return_stats: also return per-position fp32 ``RowStats`` (entropy, lse, target rank,
             top-k mass), shaped like the unreduced loss.
         backend: "auto" (Triton kernel for CUDA tensors, else torch), "torch" or "triton".
-        check_targets: check that targets are in range (a host sync on CUDA). Default: on CPU
-            only; on CUDA the kernel never reads out of bounds and gives such rows a NaN loss.
+        check_targets: check that targets are in range (a host sync on CUDA). Default: always,
+            except for the Triton kernel on CUDA, which never reads out of bounds and gives such
+            rows a NaN loss instead of synchronising.
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or shaped like ``target`` for reduction="none";
@@ -235,14 +236,15 @@ def cross_entropy(
         return _probability_targets(input, target, weight, reduction, params, return_stats, backend)
 
     classes = input.shape[0 if input.dim() == 1 else 1]
-    if check_targets or (check_targets is None and not input.is_cuda):
-        _check_target_range(target, classes, ignore_index)
     if input.dim() == 1:
         logits, rows_target = input[None], target.reshape(1)
     else:
         logits, rows_target = input.movedim(1, -1).reshape(-1, classes), target.reshape(-1)
     rows_target = rows_target.long()
     chosen = _backend(backend, logits)
+    # Only the kernel is safe with unchecked targets (it writes NaN rows); elsewhere check.
+    if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
+        _check_target_range(target, classes, ignore_index)
 
     if chosen is reference and params.is_plain_cross_entropy and not return_stats:
         return F.cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
@@ -260,7 +262,9 @@ def cross_entropy(
         if weight is None:
             denominator = valid.sum()
         else:
-            denominator = torch.where(valid, weight[torch.where(valid, rows_target, 0)], 0).sum()
+            # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
+            class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
+            denominator = torch.where(valid, class_weight, 0).sum()
         loss = rows_loss.sum() / denominator
     loss = loss.to(input.dtype)
     if stats is None:

@@ -177,6 +177,8 @@ def test_out_of_range_target_is_nan_not_out_of_bounds(device: str) -> None:
     target = torch.tensor([1, 25, -7], device=device)
     loss = cross_entropy(logits, target, reduction="none", backend="triton", check_targets=False)
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    weight = torch.rand(20, device=device)
+    assert torch.isnan(cross_entropy(logits, target, weight, backend="triton", check_targets=False))
     with pytest.raises(ValueError, match="outside"):
         cross_entropy(logits, target, backend="triton", check_targets=True)
 
