@@ -118,7 +118,6 @@ class Head(NamedTuple):
 
     threshold: torch.Tensor  # the k-th largest raw logit
     last_tie: torch.Tensor  # logits equal to threshold are in K up to this index (V - 1: all)
-    target_in: torch.Tensor  # bool: the target is in K
     mass: torch.Tensor  # sum of pi over K
     mass_others: torch.Tensor  # the same without the target
     plogp_others: torch.Tensor  # sum of pi log pi over K without the target
@@ -154,7 +153,7 @@ def head_of(
     own = (top[:, :k] == x_y[:, None]) & target_in[:, None]
     own &= own.cumsum(-1) == 1
     p_others = p_top.masked_fill(own, 0.0)
-    return Head(threshold, last_tie, target_in, p_top.sum(-1), p_others.sum(-1),
+    return Head(threshold, last_tie, p_top.sum(-1), p_others.sum(-1),
                 _xlogy_safe(p_others, log_p_top).sum(-1))
 
 
@@ -262,7 +261,7 @@ def forward(
         smooth = eps / vocab * valid_c
         row_loss = scale * (target_term + negative_loss)
         w_rest = scale * negative_mass  # W without the target's own weight
-        if eps > 0.0:
+        if params.has_smoothing:
             c_log_p = log_p if class_weight is None else class_weight * log_p
             row_loss = row_loss - smooth * c_log_p.sum(-1)
             w_rest = w_rest + smooth * (class_weight_sum - c_y)
@@ -319,11 +318,11 @@ def backward(
         else:
             coef = s.coef - s.scale * reward.uniform_lambda(vocab)
         g = p * coef
-        if params.label_smoothing > 0.0:
+        if params.has_smoothing:
             g = g - s.smooth * (1.0 if class_weight is None else class_weight)
         g = g.scatter(1, y, s.grad_target) * grad_rows[chunk, None].to(cdt)
         g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
-        if params.softcap is not None:
+        if params.has_softcap:
             g = g * softcap_derivative(x, params.softcap)
         grad[chunk] = g
     return grad
