@@ -19,14 +19,22 @@ Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXACT_DTYPES = (torch.float32, torch.float64)
+"""Dtypes in which torch's own cross-entropy computes exactly what we do (16-bit ones it rounds)."""
+
+_torch_cross_entropy = F.cross_entropy
+"""torch's own function, captured at import: ``F.cross_entropy = precision_ce.cross_entropy``
+(how Liger-Kernel patches models) must not make us call ourselves."""
 
 
 class _GeneralisedCrossEntropy(torch.autograd.Function):
     """Per-row loss of (rows, V) logits; the backend's backward recomputes the gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, params, backend, with_stats):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, z_scale, params, backend, with_stats):  # type: ignore[override]
         loss, state, stats = backend.forward(logits, target, weight, params, with_stats)
+        if z_scale is not None:
+            loss, state = _rescale_z_loss(logits, target, params, loss, state, z_scale)
         ctx.save_for_backward(logits, target, weight, *state)
         ctx.params, ctx.backend = params, backend
         if stats is None:
@@ -39,7 +47,28 @@ class _GeneralisedCrossEntropy(torch.autograd.Function):
         logits, target, weight, *state = ctx.saved_tensors
         state = ctx.backend.RowState(*state)
         grad = ctx.backend.backward(logits, target, weight, ctx.params, state, grad_loss)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def _rescale_z_loss(
+    logits: torch.Tensor, target: torch.Tensor, params: LossParams, loss: torch.Tensor, state: Any,
+    z_scale: torch.Tensor,
+) -> tuple[torch.Tensor, Any]:
+    """Multiply each row's z-loss term zeta lse**2, and its gradient 2 zeta lse pi, by ``z_scale``.
+
+    The class-weighted mean divides the row losses by sum_r c_{y_r}, but the z-loss is a plain mean
+    over positions (spec section 3): with z_scale = sum_r c_{y_r} / #rows it is. Only per-row
+    numbers change: the loss, ``coef`` (holds 2 zeta lse for every pi_j) and ``grad_target``
+    (holds pi_y 2 zeta lse), so both backends' backward passes stay as they are.
+    """
+    valid = target != params.ignore_index
+    lse = state.row_max + state.log_sum_exp
+    extra = (z_scale.to(lse.dtype) - 1.0) * params.z_loss
+    x_y = logits.gather(1, torch.where(valid, target, 0)[:, None])[:, 0].to(lse.dtype)
+    pi_y = ((reference.apply_softcap(x_y, params.softcap) - state.row_max) - state.log_sum_exp).exp()
+    z_grad = torch.where(valid, 2.0 * extra * lse, 0.0)
+    loss = loss + torch.where(valid, extra * lse.square(), 0.0)
+    return loss, state._replace(coef=state.coef + z_grad, grad_target=state.grad_target + pi_y * z_grad)
 
 
 def _reward_config(config: RewardConfig | None, **fields: Any) -> RewardConfig:
@@ -93,6 +122,11 @@ def _check_tensors(input: torch.Tensor, target: torch.Tensor, weight: torch.Tens
             raise ValueError(f"weight must have shape ({classes},) (one per class), got {tuple(weight.shape)}")
         if weight.device != input.device:
             raise ValueError(f"weight is on {weight.device} but input is on {input.device}; move one")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "weight (the class weights) requires grad, but the loss treats class weights as "
+                "constants and has no gradient for them; pass weight.detach()"
+            )
     if target.is_floating_point():
         if target.shape != input.shape:
             raise ValueError(
@@ -109,6 +143,14 @@ def _check_tensors(input: torch.Tensor, target: torch.Tensor, weight: torch.Tens
             f"(the input without its class dimension), got {tuple(target.shape)}"
         )
     return False
+
+
+def result_dtype(input: torch.Tensor) -> torch.dtype:
+    """The loss's dtype: the logits', or float32 for 16-bit logits under autocast, as
+    ``F.cross_entropy`` (an autocast-to-fp32 op) returns there. Computed in fp32 either way."""
+    if input.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
 
 
 def _describe(value: object) -> str:
@@ -172,7 +214,7 @@ def _probability_targets(
     if backend == "triton":
         raise ValueError("backend='triton' needs class-index targets; use backend='torch' or 'auto'")
     logits = reference.apply_softcap(input, params.softcap)
-    loss = F.cross_entropy(logits, target, weight, reduction=reduction,
+    loss = _torch_cross_entropy(logits, target, weight, reduction=reduction,
                            label_smoothing=params.label_smoothing)
     if params.has_z_loss:
         z_term = params.z_loss * torch.logsumexp(logits, dim=0 if input.dim() == 1 else 1).square()
@@ -222,7 +264,8 @@ def cross_entropy(
             rows a NaN loss instead of synchronising.
 
     Returns:
-        The loss in ``input``'s dtype: a scalar, or shaped like ``target`` for reduction="none";
+        The loss in ``input``'s dtype (float32 for 16-bit logits under autocast, as torch's): a
+        scalar, or shaped like ``target`` for reduction="none";
         with ``return_stats``, the tuple (loss, stats).
     """
     if size_average is not None or reduce is not None:
@@ -246,11 +289,25 @@ def cross_entropy(
     if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
         _check_target_range(target, classes, ignore_index)
 
-    if chosen is reference and params.is_plain_cross_entropy and not return_stats:
-        return F.cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
-                               reduction=reduction, label_smoothing=label_smoothing)
+    # torch's own loss where it is exact: fp32/fp64 at the plain setting. 16-bit logits take our
+    # path, which computes in fp32 (torch's CPU kernels round the target's gradient to 16 bits).
+    if (chosen is reference and params.is_plain_cross_entropy and not return_stats
+            and input.dtype in EXACT_DTYPES):
+        return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
+                                    reduction=reduction, label_smoothing=label_smoothing)
 
-    outputs = _GeneralisedCrossEntropy.apply(logits, rows_target, weight, params, chosen, return_stats)
+    valid = rows_target != ignore_index
+    z_scale = None
+    if reduction == "mean":
+        if weight is None:
+            denominator = valid.sum()
+        else:
+            # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
+            class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
+            denominator = torch.where(valid, class_weight, 0).sum()
+            if params.has_z_loss:  # the z-loss is a plain mean over positions (spec section 3)
+                z_scale = denominator / valid.sum()
+    outputs = _GeneralisedCrossEntropy.apply(logits, rows_target, weight, z_scale, params, chosen, return_stats)
     rows_loss, stats = (outputs[0], RowStats(*outputs[1:])) if return_stats else (outputs, None)
 
     if reduction == "none":
@@ -258,15 +315,8 @@ def cross_entropy(
     elif reduction == "sum":
         loss = rows_loss.sum()
     else:
-        valid = rows_target != ignore_index
-        if weight is None:
-            denominator = valid.sum()
-        else:
-            # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
-            class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
-            denominator = torch.where(valid, class_weight, 0).sum()
         loss = rows_loss.sum() / denominator
-    loss = loss.to(input.dtype)
+    loss = loss.to(result_dtype(input))
     if stats is None:
         return loss
     return loss, RowStats(*(s.reshape(target.shape) for s in stats))

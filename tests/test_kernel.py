@@ -284,3 +284,21 @@ def kernel_problems(draw):
 def test_kernel_matches_torch_backend_on_random_problems(device: str, problem) -> None:
     logits, target, options = problem
     assert_matches_torch_backend(logits, target, device, **options)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_z_loss_weighted_mean_matches_torch_backend(device: str, softcap: float | None) -> None:
+    """The z-loss's plain mean under class weights rescales the kernel's per-row state (api level)."""
+    logits = random_logits(9, 40, seed=8).float()
+    target = random_targets(9, 40, seed=8, ignore_every=3)
+    weight = torch.rand(40, generator=torch.Generator().manual_seed(9)) + 0.2
+    options = dict(beta=-0.25, k=4, lambda_tail=-0.1, z_loss=0.05, softcap=softcap)
+    results = []
+    for backend, where in (("triton", device), ("torch", "cpu")):
+        x = logits.to(where).requires_grad_()
+        loss = cross_entropy(x, target.to(where), weight.to(where), backend=backend, **options)
+        (grad,) = torch.autograd.grad(loss, x)
+        results.append((loss.detach().cpu(), grad.cpu()))
+    (got_loss, got_grad), (want_loss, want_grad) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
