@@ -147,14 +147,24 @@ def head_of(
             last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
     x_y = x.gather(1, y)[:, 0]
     target_in = (x_y > threshold) | ((x_y == threshold) & (y[:, 0] <= last_tie))
-    log_p_top = (apply_softcap(top[:, :k], softcap) - row_max[:, None]) - log_sum_exp[:, None]
+    return Head(threshold, last_tie, *head_sums(top[:, :k], x_y, target_in, softcap, row_max, log_sum_exp))
+
+
+def head_sums(
+    top: torch.Tensor, x_y: torch.Tensor, target_in: torch.Tensor, softcap: float | None,
+    row_max: torch.Tensor, log_sum_exp: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mass, mass_others, plogp_others) of ``Head`` from the k largest raw logits ``top`` (rows, k).
+
+    x_y: the target's raw logit and target_in: whether the target is in K, both (rows,).
+    """
+    log_p_top = (apply_softcap(top, softcap) - row_max[:, None]) - log_sum_exp[:, None]
     p_top = log_p_top.exp()
     # The target's own entry among the top values: the first one equal to its logit.
-    own = (top[:, :k] == x_y[:, None]) & target_in[:, None]
+    own = (top == x_y[:, None]) & target_in[:, None]
     own &= own.cumsum(-1) == 1
     p_others = p_top.masked_fill(own, 0.0)
-    return Head(threshold, last_tie, p_top.sum(-1), p_others.sum(-1),
-                _xlogy_safe(p_others, log_p_top).sum(-1))
+    return p_top.sum(-1), p_others.sum(-1), _xlogy_safe(p_others, log_p_top).sum(-1)
 
 
 def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
@@ -185,6 +195,85 @@ def _xlogy_safe(weight: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
     return torch.where(weight == 0, 0.0, weight * log_p)
 
 
+class RowSums(NamedTuple):
+    """Per-row numbers from which the loss and ``RowState`` follow (compute dtype, shaped (rows,)).
+
+    The torch backend forms them from a chunk of whole rows; precision_ce.distributed from partial
+    sums over vocabulary shards.
+    """
+
+    row_max: torch.Tensor  # m
+    log_sum_exp: torch.Tensor  # log sum_a e^(z_a - m)
+    log_pi_y: torch.Tensor
+    log1m_pi_y: torch.Tensor  # log(1 - pi_y), from the mass of the other tokens
+    plogp: torch.Tensor | None  # sum_a pi_a log pi_a (needed with negatives or stats)
+    smooth_log_p: torch.Tensor | None  # sum_a c_a log pi_a (label smoothing)
+    head: Head | None  # K and its sums (rank modes or stats)
+    c_y: torch.Tensor | float  # the target's class weight
+
+
+def shaped_rows(
+    sums: RowSums, valid: torch.Tensor, class_weight_sum: torch.Tensor | float, vocab: int, params: LossParams
+) -> tuple[torch.Tensor, RowState]:
+    """Row loss and state from the per-row sums (spec section 3); ignored rows (``valid`` False) get 0.
+
+    class_weight_sum: sum_a c_a over the whole vocabulary (V without class weights).
+    """
+    reward = params.reward
+    eps = params.label_smoothing
+    valid_c = valid.to(sums.row_max.dtype)
+    w_y, w_y_times_1m, target_term = target_weight(
+        sums.log_pi_y, sums.log1m_pi_y, reward.beta, reward.positive_reward
+    )
+    pi_y = sums.log_pi_y.exp()
+    one_minus_pi_y = sums.log1m_pi_y.exp()
+    head = sums.head
+
+    # Shaped negatives w_a = lambda_a pi_a (a != y): only their sums, over the wrong tokens
+    # in K and over all wrong tokens, enter the loss and W.
+    if reward.lambda_head == 0.0 and reward.lambda_tail == 0.0:
+        negative_mass, negative_loss = 0.0, 0.0
+    else:
+        plogp_others = sums.plogp - _xlogy_safe(pi_y, sums.log_pi_y)
+        if reward.needs_rank(vocab):
+            lambda_head, lambda_tail = reward.lambda_head, reward.lambda_tail
+            negative_mass = lambda_tail * one_minus_pi_y + (lambda_head - lambda_tail) * head.mass_others
+            negative_loss = -(lambda_tail * plogp_others + (lambda_head - lambda_tail) * head.plogp_others)
+        else:
+            uniform_lambda = reward.uniform_lambda(vocab)
+            negative_mass = uniform_lambda * one_minus_pi_y
+            negative_loss = -uniform_lambda * plogp_others
+
+    c_y = sums.c_y
+    scale = c_y * (1.0 - eps) * valid_c
+    smooth = eps / vocab * valid_c
+    row_loss = scale * (target_term + negative_loss)
+    w_rest = scale * negative_mass  # W without the target's own weight
+    if params.has_smoothing:
+        row_loss = row_loss - smooth * sums.smooth_log_p
+        w_rest = w_rest + smooth * (class_weight_sum - c_y)
+    lse = sums.row_max + sums.log_sum_exp
+    if params.has_z_loss:
+        z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
+        row_loss = row_loss + params.z_loss * lse.square()
+    else:
+        z_loss_grad = 0.0
+
+    w_y_final = scale * w_y + smooth * c_y
+    state = RowState(
+        row_max=sums.row_max,
+        log_sum_exp=sums.log_sum_exp,
+        coef=w_rest + w_y_final + z_loss_grad,
+        scale=scale,
+        smooth=smooth,
+        # pi_y W - w_y = pi_y W_rest - (1 - pi_y) w_y: no cancellation when pi_y -> 1.
+        grad_target=pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y,
+        threshold=torch.zeros_like(lse) if head is None else head.threshold,
+        last_tie=torch.zeros_like(lse, dtype=torch.long) if head is None else head.last_tie,
+    )
+    return torch.where(valid, row_loss, 0.0), state
+
+
 def forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -199,10 +288,8 @@ def forward(
     """
     rows, vocab = logits.shape
     reward = params.reward
-    eps = params.label_smoothing
     cdt = compute_dtype(logits.dtype)
     needs_rank = reward.needs_rank(vocab)
-    uniform_lambda = reward.uniform_lambda(vocab)
     has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
     class_weight = None if weight is None else weight.to(cdt)
     class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
@@ -215,7 +302,6 @@ def forward(
     for chunk in _row_chunks(rows, vocab):
         x = logits[chunk].to(cdt)
         valid = target[chunk] != params.ignore_index
-        valid_c = valid.to(cdt)
         y = torch.where(valid, target[chunk], 0)[:, None]
         z = apply_softcap(x, params.softcap)
 
@@ -224,68 +310,26 @@ def forward(
         row_max = z.amax(dim=-1)
         z_shifted = z - row_max[:, None]
         log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
-        lse = row_max + log_sum_exp
         log_p = z_shifted - log_sum_exp[:, None]
         p = log_p.exp()
-        log_pi_y = log_p.gather(1, y)[:, 0]
         # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
         log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
-        w_y, w_y_times_1m, target_term = target_weight(
-            log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
-        )
-
-        pi_y = log_pi_y.exp()
-        one_minus_pi_y = log1m_pi_y.exp()
-        if has_negatives or with_stats:
-            plogp = _xlogy_safe(p, log_p).sum(-1)  # sum_a pi_a log pi_a
-            plogp_others = plogp - _xlogy_safe(pi_y, log_pi_y)
+        plogp = _xlogy_safe(p, log_p).sum(-1) if has_negatives or with_stats else None  # sum_a pi_a log pi_a
+        head = None
         if needs_rank or with_stats:
             head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
-            state.threshold[chunk] = head.threshold
-            state.last_tie[chunk] = head.last_tie
-
-        # Shaped negatives w_a = lambda_a pi_a (a != y): only their sums, over the wrong tokens
-        # in K and over all wrong tokens, enter the loss and W.
-        if not has_negatives:
-            negative_mass, negative_loss = 0.0, 0.0
-        elif needs_rank:
-            lambda_head, lambda_tail = reward.lambda_head, reward.lambda_tail
-            negative_mass = lambda_tail * one_minus_pi_y + (lambda_head - lambda_tail) * head.mass_others
-            negative_loss = -(lambda_tail * plogp_others + (lambda_head - lambda_tail) * head.plogp_others)
-        else:
-            negative_mass = uniform_lambda * one_minus_pi_y
-            negative_loss = -uniform_lambda * plogp_others
-
-        c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
-        scale = c_y * (1.0 - eps) * valid_c
-        smooth = eps / vocab * valid_c
-        row_loss = scale * (target_term + negative_loss)
-        w_rest = scale * negative_mass  # W without the target's own weight
+        smooth_log_p = None
         if params.has_smoothing:
-            c_log_p = log_p if class_weight is None else class_weight * log_p
-            row_loss = row_loss - smooth * c_log_p.sum(-1)
-            w_rest = w_rest + smooth * (class_weight_sum - c_y)
-        if params.has_z_loss:
-            z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
-            row_loss = row_loss + params.z_loss * lse.square()
-        else:
-            z_loss_grad = 0.0
-
-        w_y_final = scale * w_y + smooth * c_y
-        loss[chunk] = torch.where(valid, row_loss, 0.0)
-        state.row_max[chunk] = row_max
-        state.log_sum_exp[chunk] = log_sum_exp
-        state.coef[chunk] = w_rest + w_y_final + z_loss_grad
-        state.scale[chunk] = scale
-        state.smooth[chunk] = smooth
-        # pi_y W - w_y = pi_y W_rest - (1 - pi_y) w_y: no cancellation when pi_y -> 1.
-        state.grad_target[chunk] = (
-            pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y
-        )
+            smooth_log_p = (log_p if class_weight is None else class_weight * log_p).sum(-1)
+        c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
+        sums = RowSums(row_max, log_sum_exp, log_p.gather(1, y)[:, 0], log1m_pi_y, plogp, smooth_log_p, head, c_y)
+        loss[chunk], row_state = shaped_rows(sums, valid, class_weight_sum, vocab, params)
+        for saved, value in zip(state, row_state, strict=True):
+            saved[chunk] = value
 
         if with_stats:
             stats.entropy[chunk] = -plogp.float()
-            stats.lse[chunk] = lse.float()
+            stats.lse[chunk] = (row_max + log_sum_exp).float()
             stats.target_rank[chunk] = torch.where(valid, target_rank(x, y[:, 0]), 0).float()
             stats.topk_mass[chunk] = head.mass.float()
     return loss, state, (stats if with_stats else None)
@@ -298,19 +342,29 @@ def backward(
     params: LossParams,
     state: RowState,
     grad_rows: torch.Tensor,
+    *,
+    vocab: int | None = None,
+    vocab_start: int = 0,
 ) -> torch.Tensor:
-    """d(sum_r grad_rows[r] * loss[r]) / d logits, shaped and typed like ``logits``."""
-    rows, vocab = logits.shape
+    """d(sum_r grad_rows[r] * loss[r]) / d logits, shaped and typed like ``logits``.
+
+    ``logits`` may be a vocabulary shard (precision_ce.distributed): columns ``vocab_start`` on of
+    a vocabulary of ``vocab`` classes (default: all of them); ``weight`` is then the shard's too.
+    """
+    rows, shard_vocab = logits.shape
+    vocab = shard_vocab if vocab is None else vocab
     reward = params.reward
     cdt = compute_dtype(logits.dtype)
     needs_rank = reward.needs_rank(vocab)
     class_weight = None if weight is None else weight.to(cdt)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for chunk in _row_chunks(rows, vocab):
+    for chunk in _row_chunks(rows, shard_vocab):
         x = logits[chunk].to(cdt)
         s = state._replace(**{f: getattr(state, f)[chunk][:, None] for f in RowState._fields})
         valid = target[chunk] != params.ignore_index
-        y = torch.where(valid, target[chunk], 0)[:, None]
+        y_local = target[chunk] - vocab_start
+        owned = valid & (y_local >= 0) & (y_local < shard_vocab)  # the target's column is here
+        y = torch.where(owned, y_local, 0)[:, None]
         p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
         if needs_rank:
             head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
@@ -320,7 +374,7 @@ def backward(
         g = p * coef
         if params.has_smoothing:
             g = g - s.smooth * (1.0 if class_weight is None else class_weight)
-        g = g.scatter(1, y, s.grad_target) * grad_rows[chunk, None].to(cdt)
+        g = g.scatter(1, y, torch.where(owned[:, None], s.grad_target, g.gather(1, y))) * grad_rows[chunk, None].to(cdt)
         g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
         if params.has_softcap:
             g = g * softcap_derivative(x, params.softcap)
