@@ -2,8 +2,8 @@
 
 Spawning processes is slow on CI's 2 cores, so the test module starts one group per world size
 and each rank runs the whole case list, writing what it measured to ``rank{r}.pt``; the tests
-assert on those records. ``python tests/distributed_worker.py`` prints the communication table of
-docs/distributed.md.
+assert on those records. ``python tests/distributed_worker.py [world]`` prints the figures of
+docs/distributed.md (bytes per row, memory, errors).
 """
 
 from __future__ import annotations
@@ -207,17 +207,21 @@ def run_communication(rank: int, world: int, dtype: torch.dtype = torch.float32)
     return out
 
 
-def run_memory(rank: int) -> dict[str, float]:
-    """Peak extra bytes of one fwd+bwd on this rank / bytes of its shard of the logits."""
+def run_memory(rank: int, rows: int = 256, shard_vocab: int = 2048, chunk_elements: int = 1 << 15) -> dict[str, float]:
+    """Peak extra bytes of one fwd+bwd on this rank / bytes of its shard of the logits (fp32).
+
+    The default: chunks of 16 rows, so the shard is 16 chunks deep (as a large shard is at the
+    torch backend's own chunk size of 2**21 logits)."""
     ratios = {}
     saved_chunk = reference.CHUNK_ELEMENTS
-    reference.CHUNK_ELEMENTS = 1 << 15  # chunks of 16 rows: the shard is 16 chunks deep
+    reference.CHUNK_ELEMENTS = chunk_elements
     try:
         for mode, options in (("cross_entropy", {"z_loss": 1e-4}), ("tail_penalty", {"lambda_tail": -0.1, "k": 100}),
                               ("every option", {"lambda_head": 0.1, "lambda_tail": -0.1, "k": 100, "beta": -0.25,
                                                 "label_smoothing": 0.1, "softcap": 30.0, "return_stats": True})):
-            x = torch.randn(256, 2048 - 64 * rank, generator=torch.Generator().manual_seed(rank)).requires_grad_()
-            target = torch.randint(0, 2048, (256,), generator=torch.Generator().manual_seed(3))
+            x = torch.randn(rows, shard_vocab - 64 * rank, generator=torch.Generator().manual_seed(rank))
+            x.requires_grad_()
+            target = torch.randint(0, shard_vocab, (rows,), generator=torch.Generator().manual_seed(3))
 
             def step(x: torch.Tensor = x, target: torch.Tensor = target, options: dict = options) -> torch.Tensor:
                 loss = vocab_parallel_cross_entropy(x, target, **options)
@@ -261,6 +265,8 @@ def worker(rank: int, world: int, store: str, cases: list[dict[str, Any]], sizes
             results["communication"] = run_communication(rank, world)
         if "memory" in extras:
             results["memory"] = run_memory(rank)
+        if "memory_large" in extras:  # 64 MiB shards at the torch backend's own chunk size
+            results["memory_large"] = run_memory(rank, 4096, 4096, reference.CHUNK_ELEMENTS)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -276,19 +282,34 @@ def run_group(world: int, cases: list[dict[str, Any]], sizes: tuple[int, ...],
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
-def communication_table(world: int = 2) -> str:
-    """Markdown table: bytes per row each rank hands to collectives (fp32 logits), per mode."""
-    records = run_group(world, [], tuple([512] * world), ("communication",))
-    lines = ["| mode | collectives per call | payload per row | received per row (all-gather: from every rank) |",
-             "| --- | --- | --- | --- |"]
+def summary(world: int = 2) -> str:
+    """Markdown: bytes per row each rank hands to collectives (fp32 logits) per mode, per-rank peak
+    memory, and the largest errors against the single-process loss over the test cases."""
+    from test_distributed import CASES, SIZES
+
+    records = run_group(world, CASES, SIZES[world], ("communication", "memory", "memory_large"))
+    lines = [f"{world} ranks, fp32 logits, per row (the difference between 128 and 64 rows, 512 classes per rank):", "",
+             "| mode | collectives per call | payload per row | received per row |", "| --- | --- | --- | --- |"]
     for mode, by_size in records[0]["communication"].items():
         sent_small, received_small = (sum(d.values()) for d in by_size[(64, 512)][:2])
         sent_large, received_large = (sum(d.values()) for d in by_size[(128, 512)][:2])
         calls = ", ".join(f"{n} x {name}" for name, n in sorted(by_size[(128, 512)][2].items()))
         lines.append(f"| {mode} | {calls} | {(sent_large - sent_small) / 64:g} B | "
                      f"{(received_large - received_small) / 64:g} B |")
+    for key, label in (("memory", "256 x ~2048 fp32, 16-row chunks"), ("memory_large", "4096 x ~4096 fp32")):
+        lines += ["", f"peak extra memory of fwd+bwd / shard of the logits ({label}), by rank: " + "; ".join(
+            f"{mode} " + ", ".join(f"{r[key][mode]:.2f}" for r in records) for mode in records[0][key])]
+    worst: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for case in CASES:
+        dtype = str(case.get("dtype", torch.float64)).replace("torch.", "")
+        for r in records:
+            for key, value in r["exact"][case["name"]].items():
+                if key.endswith("_error"):
+                    worst[dtype][key] = max(worst[dtype][key], value)
+    for dtype, errors in worst.items():
+        lines.append(f"largest relative error, {dtype}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(communication_table(int(sys.argv[1]) if len(sys.argv) > 1 else 2))
+    print(summary(int(sys.argv[1]) if len(sys.argv) > 1 else 2))
