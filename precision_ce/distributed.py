@@ -78,11 +78,14 @@ def shard_of(logits: torch.Tensor, weight: torch.Tensor | None, group: Any = Non
     logits: (rows, V_r). Raises the same error on every rank (no rank is left waiting in a
     collective) if the ranks disagree on the number of rows or on whether class weights are given.
     """
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of group=; pass the group its vocabulary shard belongs to")
     rows, shard_vocab = logits.shape
-    local_weight_sum = 0.0 if weight is None else weight.double().sum().item()
-    mine = torch.tensor([shard_vocab, rows, weight is not None, local_weight_sum],
-                        dtype=torch.float64, device=logits.device)
-    table = torch.stack(_all_gather(mine, group)).cpu()
+    mine = torch.tensor([shard_vocab, rows, weight is not None, 0.0], dtype=torch.float64, device=logits.device)
+    if weight is not None:
+        mine[3] = weight.double().sum()
+    table = torch.stack(_all_gather(mine, group)).cpu()  # the one host synchronisation
     sizes = tuple(int(v) for v in table[:, 0].tolist())
     if len(set(table[:, 1].tolist())) != 1:
         raise ValueError(
@@ -94,7 +97,7 @@ def shard_of(logits: torch.Tensor, weight: torch.Tensor | None, group: Any = Non
     if min(sizes) < 1:
         raise ValueError(f"every rank needs at least one class in its shard; shard sizes by rank: {list(sizes)}")
     weight_sum = None if weight is None else float(table[:, 3].sum())
-    return Shard(group, sizes, dist.get_rank(group), weight_sum)
+    return Shard(group, sizes, rank, weight_sum)
 
 
 def _zero_target(values: torch.Tensor, column: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
@@ -152,7 +155,7 @@ def forward(
         row_max = apply_softcap(top[:, 0], params.softcap)  # softcap is monotone
         last_tie, crowded, ties_in_k = _last_tie_here(local_top, shares, top, threshold, shard)
 
-    # Pass B: this rank's partial sums, one column each, summed over ranks by collective 2.
+    # Pass 2: this rank's partial sums, one column each, summed over ranks by collective 2.
     has_plogp = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0 or with_stats
     names = ["sum_exp", "sum_exp_others"]
     names += ["sum_exp_shifted"] * has_plogp + ["smooth"] * params.has_smoothing
@@ -227,7 +230,7 @@ def _last_tie_here(
     rank. Every rank's share of the gathered values holds all its ties up to the number K needs,
     so every rank knows how many ties the ranks before it give. This rank's ties up to ties_in_k
     are in K: last_tie = -1 (none), V_r - 1 (all), or for ``crowded`` rows (more ties here than
-    K takes) the index of the ties_in_k-th tie, found in pass B.
+    K takes) the index of the ties_in_k-th tie, found in pass 2.
     """
     k = top.shape[1]
     ties_wanted = k - (top > threshold[:, None]).sum(-1)
