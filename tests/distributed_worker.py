@@ -104,7 +104,7 @@ def _shard(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
     return t[..., start : start + sizes[rank]]
 
 
-def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int) -> dict[str, Any]:
+def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: Any = None) -> dict[str, Any]:
     """Sharded loss, gradient and stats against precision_ce.cross_entropy of the gathered logits."""
     x, target, weight = _inputs(case, sizes)
     options = dict(case.get("options", {}))
@@ -125,7 +125,7 @@ def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int) -> dict[s
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         shard_weight = None if weight is None else _shard(weight, sizes, rank)
         out = vocab_parallel_cross_entropy(shard, target, weight=shard_weight, reduction=reduction,
-                                           return_stats=stats_wanted, **options)
+                                           return_stats=stats_wanted, group=group, **options)
     loss, stats = out if stats_wanted else (out, None)
     (loss * upstream.to(loss.dtype)).sum().backward()
 
@@ -149,6 +149,22 @@ def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int) -> dict[s
         for name, mine, theirs in zip(reference.RowStats._fields, stats, ref_stats, strict=True):
             record[f"{name}_error"] = relative(mine, theirs)
         record["target_rank_equal"] = torch.equal(stats.target_rank, ref_stats.target_rank)
+    return record
+
+
+def run_subgroup(rank: int) -> dict[str, Any]:
+    """A vocabulary sharded over ranks 1 and 2 of a 3-rank world (group=); rank 0 is not in it."""
+    group = dist.new_group([1, 2])  # every rank must take part in creating it
+    sizes = (6, 11)
+    case = {"name": "subgroup", "stats": True, "options": {"lambda_tail": -0.1, "k": 8, "beta": -0.25}}
+    if rank == 0:
+        try:
+            vocab_parallel_cross_entropy(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), group=group)
+            return {"raised": "nothing"}
+        except ValueError as error:
+            return {"raised": str(error)}
+    record = run_exact(case, sizes, dist.get_rank(group), group=group)
+    record.pop("loss_bits")
     return record
 
 
@@ -261,6 +277,8 @@ def worker(rank: int, world: int, store: str, cases: list[dict[str, Any]], sizes
             results["exact"][name] = record
         if "errors" in extras:
             results["errors"] = run_errors(sizes, rank)
+        if "subgroup" in extras:
+            results["subgroup"] = run_subgroup(rank)
         if "communication" in extras:
             results["communication"] = run_communication(rank, world)
         if "memory" in extras:

@@ -7,6 +7,7 @@ row; per-rank memory stays within 2.5x the shard. One process group per world si
 from __future__ import annotations
 
 import functools
+import random
 
 import pytest
 import torch
@@ -61,6 +62,16 @@ def _cases() -> list[dict]:
     }
     for name, (case, options) in option_cases.items():
         cases.append({"name": name, **case, "options": options})
+    draw = random.Random(11)  # random combinations of every option, the same on every run
+    for seed in range(12):
+        options = {"beta": draw.choice([0.0, -0.25, 0.5]), "k": draw.randint(1, 21),
+                   "lambda_head": draw.choice([0.0, 0.1]), "lambda_tail": draw.choice([0.0, -0.1, -0.3]),
+                   "positive_reward": draw.choice(["power", "focal"]), "label_smoothing": draw.choice([0.0, 0.1]),
+                   "z_loss": draw.choice([0.0, 1e-3]), "softcap": draw.choice([None, 3.0]),
+                   "reduction": draw.choice(["mean", "sum", "none"])}
+        cases.append({"name": f"random-{seed}", "seed": seed, "integer": draw.random() < 0.5,
+                      "weight": draw.random() < 0.5, "stats": draw.random() < 0.5, "ignore_every": draw.randint(0, 4),
+                      "options": options})
     return cases
 
 
@@ -71,7 +82,7 @@ CASES = _cases()
 def _results(world: int) -> list[dict]:
     from distributed_worker import run_group
 
-    extras = ("errors", "communication", "memory") if world == 2 else ("errors",)
+    extras = ("errors", "communication", "memory") if world == 2 else ("errors", "subgroup")
     return run_group(world, CASES, SIZES[world], extras)
 
 
@@ -145,3 +156,13 @@ def test_memory_per_rank_within_two_and_a_half_shards() -> None:
 def test_needs_an_initialised_process_group() -> None:
     with pytest.raises(RuntimeError, match="init_process_group"):
         vocab_parallel_cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_group_argument_shards_over_a_subgroup() -> None:
+    """group= with ranks 1 and 2 of three: exact there; rank 0, outside it, gets a clear error."""
+    records = _results(3)
+    assert records[0]["subgroup"]["raised"].startswith("this process is not a member of group="), records[0]
+    for rank in (1, 2):
+        record = records[rank]["subgroup"]
+        assert record["loss_error"] <= 1e-9 and record["grad_error"] <= 1e-9, (rank, record)
+        assert record["target_rank_equal"], (rank, record)
