@@ -168,9 +168,13 @@ def _radix_select(row_ptr, V, k, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
 @triton.jit
 def _head_pass(
     row_ptr, V, target, row_max, log_sum_exp, threshold, ties_wanted, softcap,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_SUMS: tl.constexpr,
 ):
-    """Pass H. Index of the last tie in K, and over K: mass, mass without y, sum pi log pi without y."""
+    """Pass H. Index of the last tie in K, and over K: mass, mass without y, sum pi log pi without y.
+
+    Without HEAD_SUMS only the last tie (the sums stay 0): a vocabulary shard's pass, whose sums
+    over K come from the gathered top values (kernels/vocab_parallel.py).
+    """
     ties_seen = 0
     last_tie = -1
     mass = 0.0
@@ -187,12 +191,13 @@ def _head_pass(
         head = (in_row & (key > threshold)) | tie_in
         last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
         ties_seen += tl.sum(tie.to(tl.int32), 0)
-        log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-        p = tl.where(head, tl.exp(log_p), 0.0)
-        others = head & (cols != target) & (p > 0.0)
-        mass += tl.sum(p, 0)
-        mass_others += tl.sum(tl.where(others, p, 0.0), 0)
-        plogp_others += tl.sum(tl.where(others, p * log_p, 0.0), 0)
+        if HEAD_SUMS:
+            log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
+            p = tl.where(head, tl.exp(log_p), 0.0)
+            others = head & (cols != target) & (p > 0.0)
+            mass += tl.sum(p, 0)
+            mass_others += tl.sum(tl.where(others, p, 0.0), 0)
+            plogp_others += tl.sum(tl.where(others, p * log_p, 0.0), 0)
     return last_tie, mass, mass_others, plogp_others
 
 
@@ -240,7 +245,7 @@ def generalised_ce_forward(
         threshold, ties_wanted = _radix_select(row_ptr, V, k, BLOCK, KEY_BITS)
         last_tie, head_mass, head_mass_others, head_plogp_others = _head_pass(
             row_ptr, V, target, m, log_sum_exp, threshold, ties_wanted, softcap,
-            BLOCK, KEY_BITS, HAS_SOFTCAP,
+            BLOCK, KEY_BITS, HAS_SOFTCAP, True,
         )
         tl.store(threshold_ptr + row, threshold)
         tl.store(last_tie_ptr + row, last_tie)
@@ -295,16 +300,22 @@ def generalised_ce_backward(
     logits_ptr, stride_row, target_ptr, weight_ptr, grad_rows_ptr, grad_rows_stride,
     grad_ptr, grad_stride_row,
     row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr,
-    last_tie_ptr, V, ignore_index, lambda_head, lambda_tail, softcap,
+    last_tie_ptr, V, vocab_start, ignore_index, lambda_head, lambda_tail, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """d(sum_r grad_rows[r] loss[r]) / d logits, written once in the logits' dtype."""
+    """d(sum_r grad_rows[r] loss[r]) / d logits, written once in the logits' dtype.
+
+    The row may be a vocabulary shard, classes [vocab_start, vocab_start + V) of a larger
+    vocabulary (0 and the whole vocabulary otherwise): the per-row state carries every global
+    number (eps / V of the whole vocabulary in ``smooth``), so only the target's column moves.
+    """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     out_ptr = grad_ptr + row * grad_stride_row
     target = tl.load(target_ptr + row)
     valid = target != ignore_index
+    target_column = target - vocab_start  # outside [0, V) when another shard owns the target
     upstream = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32)
     row_max = tl.load(row_max_ptr + row)
     log_sum_exp = tl.load(log_sum_exp_ptr + row)
@@ -333,7 +344,7 @@ def generalised_ce_backward(
                 g -= smooth * tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
             else:
                 g -= smooth
-        g = tl.where(cols == target, grad_target, g)
+        g = tl.where(cols == target_column, grad_target, g)
         if HAS_SOFTCAP:
             t = _tanh(x / softcap)
             g *= (1.0 - t) * (1.0 + t)

@@ -22,6 +22,7 @@ backward on the shard. Nothing of size rows x V is gathered; docs/distributed.md
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -30,8 +31,8 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .api import (
-    BACKENDS,
     REDUCTIONS,
+    _backend,
     _check_target_range,
     _check_tensors,
     _loss_params,
@@ -40,7 +41,7 @@ from .api import (
     result_dtype,
 )
 from .config import LossParams, RewardConfig
-from .reference import Head, RowState, RowStats, RowSums, apply_softcap, compute_dtype
+from .reference import Head, RowStats, RowSums, apply_softcap, compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +109,14 @@ def _zero_target(values: torch.Tensor, column: torch.Tensor, owned: torch.Tensor
 
 def forward(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, shard: Shard,
-    with_stats: bool, z_loss_plain_mean: bool,
-) -> tuple[torch.Tensor, RowState, RowStats | None, torch.Tensor]:
-    """Loss per row (identical on every rank), this rank's ``RowState``, stats and the mean's denominator.
+    with_stats: bool, z_loss_plain_mean: bool, backend: ModuleType = reference,
+) -> tuple[torch.Tensor, Any, RowStats | None, torch.Tensor]:
+    """Loss per row (identical on every rank), this rank's row state, stats and the mean's denominator.
 
     logits: (rows, V_r) this rank's shard; target: (rows,) int64 global classes; weight: (V_r,) or None.
     z_loss_plain_mean: rescale the z-loss so that the class-weighted mean leaves it a plain mean.
+    backend: ``reference`` (torch ops) or ``triton_backend`` (the shard's passes in one kernel,
+    ``triton_backend.shard_partials``); the row state is that backend's ``RowState``.
     The denominator is sum_r c_{y_r} (or the count) over non-ignored rows.
     """
     rows, shard_vocab = logits.shape
@@ -121,6 +124,8 @@ def forward(
     cdt = compute_dtype(logits.dtype)
     device = logits.device
     ranked = reward.needs_rank(vocab) or with_stats
+    has_plogp = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0 or with_stats
+    kernels = backend is not reference
     k = min(reward.k, vocab)
     class_weight = None if weight is None else weight.to(cdt)
     valid = target != params.ignore_index
@@ -129,12 +134,18 @@ def forward(
     column = torch.where(owned, y - start, 0)
     x_y_here = torch.where(owned, logits.gather(1, column[:, None])[:, 0].to(cdt), -torch.inf)
     chunks = reference._row_chunks(rows, shard_vocab)
+    if kernels and not ranked:
+        # Pass A needs nothing global here: it runs first, relative to this shard's max.
+        found = backend.shard_partials(logits, y, weight, params, start, has_plogp)
 
     # Collective 1.
     if not ranked:
         local = torch.empty(rows, 2, dtype=cdt, device=device)
-        for chunk in chunks:
-            local[chunk, 0] = apply_softcap(logits[chunk].to(cdt), params.softcap).amax(-1)
+        if kernels:
+            local[:, 0] = found.partial[:, 0]
+        else:
+            for chunk in chunks:
+                local[chunk, 0] = apply_softcap(logits[chunk].to(cdt), params.softcap).amax(-1)
         local[:, 1] = x_y_here
         row_max, x_y = _all_reduce(local, dist.ReduceOp.MAX, group).unbind(1)
     else:
@@ -154,35 +165,43 @@ def forward(
         threshold = top[:, k - 1]
         row_max = apply_softcap(top[:, 0], params.softcap)  # softcap is monotone
         last_tie, crowded, ties_in_k = _last_tie_here(local_top, shares, top, threshold, shard)
+        if kernels:
+            # Passes A and H, given the global target logit (stats), threshold and this shard's tie budget.
+            found = backend.shard_partials(logits, y, weight, params, start, has_plogp,
+                                           x_target=x_y if with_stats else None, threshold=threshold,
+                                           tie_budget=ties_in_k)
+            last_tie = found.last_tie.long()
 
     # Pass 2: this rank's partial sums, one column each, summed over ranks by collective 2.
-    has_plogp = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0 or with_stats
     names = ["sum_exp", "sum_exp_others"]
     names += ["sum_exp_shifted"] * has_plogp + ["smooth"] * params.has_smoothing
     names += ["c_y"] * (weight is not None) + ["target_in"] * ranked + ["before_target"] * with_stats
     partial = torch.zeros(rows, len(names), dtype=cdt, device=device)
     col = {name: i for i, name in enumerate(names)}
     index = torch.arange(start, start + shard_vocab, device=device)
-    for chunk in chunks:
-        x = logits[chunk].to(cdt)
-        shifted = apply_softcap(x, params.softcap) - row_max[chunk, None]
-        e = shifted.exp()
-        partial[chunk, col["sum_exp"]] = e.sum(-1)
-        partial[chunk, col["sum_exp_others"]] = _zero_target(e, column[chunk], owned[chunk]).sum(-1)
-        if has_plogp:
-            partial[chunk, col["sum_exp_shifted"]] = reference._xlogy_safe(e, shifted).sum(-1)
-        if params.has_smoothing:
-            partial[chunk, col["smooth"]] = (shifted if class_weight is None else class_weight * shifted).sum(-1)
-        if ranked:
-            # The index of the ties_in_k-th tie on this rank, for rows whose ties continue past it.
-            cut = crowded[chunk]
-            if cut.any():
-                running = (x[cut] == threshold[chunk][cut, None]).cumsum(-1)
-                last_tie[chunk][cut] = (running < ties_in_k[chunk][cut, None]).sum(-1)
-        if with_stats:
-            x_y_c = x_y[chunk, None]
-            before = (x > x_y_c) | ((x == x_y_c) & (index < y[chunk, None]))
-            partial[chunk, col["before_target"]] = before.sum(-1).to(cdt)
+    if kernels:
+        _rescale_to_global_max(found.partial, row_max, partial, col, weight, shard_vocab)
+    else:
+        for chunk in chunks:
+            x = logits[chunk].to(cdt)
+            shifted = apply_softcap(x, params.softcap) - row_max[chunk, None]
+            e = shifted.exp()
+            partial[chunk, col["sum_exp"]] = e.sum(-1)
+            partial[chunk, col["sum_exp_others"]] = _zero_target(e, column[chunk], owned[chunk]).sum(-1)
+            if has_plogp:
+                partial[chunk, col["sum_exp_shifted"]] = reference._xlogy_safe(e, shifted).sum(-1)
+            if params.has_smoothing:
+                partial[chunk, col["smooth"]] = (shifted if class_weight is None else class_weight * shifted).sum(-1)
+            if ranked:
+                # The index of the ties_in_k-th tie on this rank, for rows whose ties continue past it.
+                cut = crowded[chunk]
+                if cut.any():
+                    running = (x[cut] == threshold[chunk][cut, None]).cumsum(-1)
+                    last_tie[chunk][cut] = (running < ties_in_k[chunk][cut, None]).sum(-1)
+            if with_stats:
+                x_y_c = x_y[chunk, None]
+                before = (x > x_y_c) | ((x == x_y_c) & (index < y[chunk, None]))
+                partial[chunk, col["before_target"]] = before.sum(-1).to(cdt)
     if weight is not None:
         partial[:, col["c_y"]] = torch.where(owned, class_weight[column], 0.0)
     if ranked:
@@ -212,6 +231,10 @@ def forward(
         target_column = torch.where(valid, 0, -1)
         loss, state = _rescale_z_loss(x_y[:, None], target_column, dataclasses.replace(params, ignore_index=-1),
                                       loss, state, denominator / valid.sum())
+    if kernels:
+        # The kernels index per-row numbers densely; columns of the all-reduced tensors are strided.
+        state = backend.RowState(*(field.float().contiguous() for field in state[:6]), found.threshold,
+                                 found.last_tie)
     stats = None
     if with_stats:
         stats = RowStats(
@@ -219,6 +242,27 @@ def forward(
             target_rank=torch.where(valid, 1.0 + total["before_target"], 0.0).float(), topk_mass=head.mass.float(),
         )
     return loss, state, stats, denominator
+
+
+def _rescale_to_global_max(
+    found: torch.Tensor, row_max: torch.Tensor, partial: torch.Tensor, col: dict[str, int],
+    weight: torch.Tensor | None, shard_vocab: int,
+) -> None:
+    """Fill ``partial``'s sums from the kernel's, taken relative to this shard's max m_r, now relative
+    to the global max m (kernels/vocab_parallel.py has the formulas). found: (rows, PARTIAL_COLUMNS)."""
+    local_max, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, before = found.unbind(1)
+    # A shard row of -inf only has sums 0 (or -inf, where c_a * -inf): any shift leaves them, 0 keeps them finite.
+    shift = torch.where(local_max == -torch.inf, 0.0, local_max - row_max)
+    alpha = shift.exp()
+    partial[:, col["sum_exp"]] = alpha * sum_exp
+    partial[:, col["sum_exp_others"]] = alpha * sum_exp_others
+    if "sum_exp_shifted" in col:
+        partial[:, col["sum_exp_shifted"]] = alpha * (sum_exp_shifted + shift * sum_exp)
+    if "smooth" in col:
+        class_weight_here = shard_vocab if weight is None else weight.float().sum()
+        partial[:, col["smooth"]] = sum_c_shifted + shift * class_weight_here
+    if "before_target" in col:
+        partial[:, col["before_target"]] = before
 
 
 def _last_tie_here(
@@ -247,13 +291,14 @@ def _last_tie_here(
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-row loss of a vocabulary shard; the backward pass is the torch backend's, on the shard."""
+    """Per-row loss of a vocabulary shard; the backward pass is the backend's own, on the shard."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, params, shard, with_stats, z_loss_plain_mean):  # type: ignore[override]
-        loss, state, stats, denominator = forward(logits, target, weight, params, shard, with_stats, z_loss_plain_mean)
+    def forward(ctx, logits, target, weight, params, shard, with_stats, z_loss_plain_mean, backend):  # type: ignore[override]
+        loss, state, stats, denominator = forward(logits, target, weight, params, shard, with_stats,
+                                                  z_loss_plain_mean, backend)
         ctx.save_for_backward(logits, target, weight, *state)
-        ctx.params, ctx.shard = params, shard
+        ctx.params, ctx.shard, ctx.backend = params, shard, backend
         outputs = (loss, denominator, *(stats or ()))
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -263,9 +308,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):  # type: ignore[override]
         logits, target, weight, *state = ctx.saved_tensors
         shard = ctx.shard
-        grad = reference.backward(logits, target, weight, ctx.params, RowState(*state), grad_loss,
-                                  vocab=shard.vocab, vocab_start=shard.vocab_start)
-        return grad, None, None, None, None, None, None
+        grad = ctx.backend.backward(logits, target, weight, ctx.params, ctx.backend.RowState(*state), grad_loss,
+                                    vocab=shard.vocab, vocab_start=shard.vocab_start)
+        return grad, None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -300,8 +345,9 @@ def vocab_parallel_cross_entropy(
         weight: this rank's shard of the class weights, (V_r,), or None.
         ignore_index, reduction, label_smoothing, beta, k, lambda_head, lambda_tail,
             positive_reward, config, z_loss, softcap, return_stats: as in ``cross_entropy``.
-        backend: "auto" or "torch": torch ops on any device (NCCL for CUDA tensors, gloo for CPU
-            ones). "triton" is not available for the sharded loss yet.
+        backend: "auto" (the Triton kernels for CUDA tensors of float32, bfloat16 or float16, else
+            torch ops), "torch" (torch ops on any device) or "triton" (CUDA tensors, or CPU ones
+            under the Triton interpreter). NCCL for CUDA tensors, gloo for CPU ones.
 
     Returns:
         The same loss (and stats) on every rank, in ``input``'s dtype (float32 for 16-bit logits
@@ -309,13 +355,6 @@ def vocab_parallel_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available for vocab_parallel_cross_entropy: it runs on torch ops "
-            "(CUDA tensors included, with NCCL); use backend='auto' or 'torch'"
-        )
     reward = _reward_config(config, beta=beta, k=k, lambda_head=lambda_head, lambda_tail=lambda_tail,
                             positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
@@ -329,6 +368,7 @@ def vocab_parallel_cross_entropy(
     # Validate with the drop-in's checks, which expect the class dimension second.
     _check_tensors(input.movedim(-1, 1) if isinstance(input, torch.Tensor) and input.dim() > 1 else input,
                    target, weight)
+    chosen = _backend(backend, input)
 
     logits = input.reshape(-1, input.shape[-1])
     rows_target = target.reshape(-1).long()
@@ -336,7 +376,7 @@ def vocab_parallel_cross_entropy(
     _check_target_range(target, shard.vocab, ignore_index)
     z_loss_plain_mean = reduction == "mean" and weight is not None and params.has_z_loss
     outputs = _VocabParallelCrossEntropy.apply(logits, rows_target, weight, params, shard, return_stats,
-                                               z_loss_plain_mean)
+                                               z_loss_plain_mean, chosen)
     rows_loss, denominator = outputs[:2]
     if reduction == "none":
         loss = rows_loss.reshape(target.shape)

@@ -14,6 +14,7 @@ import triton
 
 from .config import LossParams
 from .kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward
+from .kernels.vocab_parallel import PARTIAL_COLUMNS, vocab_shard_partials
 from .reference import RowStats
 
 FORCED_BLOCK: int | None = None
@@ -111,10 +112,18 @@ def backward(
     params: LossParams,
     state: RowState,
     grad_rows: torch.Tensor,
+    *,
+    vocab: int | None = None,
+    vocab_start: int = 0,
 ) -> torch.Tensor:
-    """d(sum_r grad_rows[r] * loss[r]) / d logits: (rows, V) in the logits' dtype."""
+    """d(sum_r grad_rows[r] * loss[r]) / d logits: (rows, V) in the logits' dtype.
+
+    ``logits`` may be a vocabulary shard (precision_ce.distributed): columns ``vocab_start`` on of
+    a vocabulary of ``vocab`` classes (default: all of them); ``weight`` is then the shard's too.
+    """
     logits = _rows_contiguous(logits)
-    rows, vocab = logits.shape
+    rows, shard_vocab = logits.shape
+    vocab = shard_vocab if vocab is None else vocab
     reward = params.reward
     needs_rank = reward.needs_rank(vocab)
     lambda_tail = reward.lambda_tail if needs_rank else reward.uniform_lambda(vocab)
@@ -124,12 +133,65 @@ def backward(
         generalised_ce_backward[(rows,)](
             logits, logits.stride(0), target, weight if weight is not None else grad_rows,
             grad_rows, grad_rows.stride(0), grad, grad.stride(0), *state,
-            vocab, params.ignore_index, reward.lambda_head, lambda_tail, params.softcap or 1.0,
+            shard_vocab, vocab_start, params.ignore_index, reward.lambda_head, lambda_tail, params.softcap or 1.0,
             KEY_BITS=_key_bits(logits.dtype),
             HAS_RANK=needs_rank,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(vocab, logits),
+            **_launch_config(shard_vocab, logits),
         )
     return grad
+
+
+class ShardPartials(NamedTuple):
+    """What ``vocab_shard_partials`` writes for a vocabulary shard, shaped (rows, ...)."""
+
+    partial: torch.Tensor  # (rows, PARTIAL_COLUMNS) fp32: m_r and sums relative to it (kernels/vocab_parallel.py)
+    threshold: torch.Tensor  # int64 order-preserving key of the global threshold (head rows; else 0)
+    last_tie: torch.Tensor  # int32, this shard's last tie in K, a local index (head rows; else 0)
+
+
+def shard_partials(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    params: LossParams,
+    vocab_start: int,
+    has_plogp: bool,
+    x_target: torch.Tensor | None = None,
+    threshold: torch.Tensor | None = None,
+    tie_budget: torch.Tensor | None = None,
+) -> ShardPartials:
+    """Passes A (and H) of a vocabulary shard; precision_ce.distributed combines them across ranks.
+
+    logits (rows, V_r) fp32/bf16/fp16, columns vocab_start on of the vocabulary; target (rows,)
+    int64 global classes; weight (V_r,) or None. has_plogp: also sum e^(z - m_r)(z - m_r).
+    x_target (rows,) fp32, the target's global raw logit: given for stats (the target rank).
+    threshold (rows,) in the logits' dtype, the k-th largest raw logit of the whole row, and
+    tie_budget (rows,) int, how many of this shard's logits equal to it are in K: given for a head.
+    """
+    logits = _rows_contiguous(logits)
+    rows, shard_vocab = logits.shape
+    device = logits.device
+    partial = torch.empty(rows, PARTIAL_COLUMNS.value, dtype=torch.float32, device=device)
+    key = torch.zeros(rows, dtype=torch.int64, device=device)
+    last_tie = torch.zeros(rows, dtype=torch.int32, device=device)
+    unread = partial  # pointer arguments of features that are off
+    if rows > 0:
+        vocab_shard_partials[(rows,)](
+            logits, logits.stride(0), target, unread if weight is None else weight,
+            unread if x_target is None else x_target.float().contiguous(),
+            unread if threshold is None else threshold.to(logits.dtype).contiguous(),
+            unread if tie_budget is None else tie_budget.to(torch.int32).contiguous(),
+            partial, key, last_tie, shard_vocab, vocab_start, params.softcap or 1.0,
+            KEY_BITS=_key_bits(logits.dtype),
+            HAS_HEAD=threshold is not None,
+            HAS_STATS=x_target is not None,
+            HAS_PLOGP=has_plogp,
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=params.has_smoothing,
+            HAS_SOFTCAP=params.has_softcap,
+            **_launch_config(shard_vocab, logits),
+        )
+    return ShardPartials(partial, key, last_tie)

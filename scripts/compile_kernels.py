@@ -21,6 +21,7 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "compile without the interpret
 
 import triton  # noqa: E402
 from precision_ce.kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward  # noqa: E402
+from precision_ce.kernels.vocab_parallel import vocab_shard_partials  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as compile_kernel  # noqa: E402
@@ -31,13 +32,15 @@ HOPPER = GPUTarget("cuda", 90, 32)
 FORWARD_FLAGS = ("SHAPED", "FOCAL", "HAS_HEAD", "HAS_STATS", "HAS_NEGATIVES", "HAS_WEIGHT",
                  "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_SOFTCAP")
 BACKWARD_FLAGS = ("HAS_RANK", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
-INTEGER_ARGS = {"stride_row", "grad_rows_stride", "grad_stride_row", "V", "ignore_index", "k"}
+SHARD_FLAGS = ("HAS_HEAD", "HAS_STATS", "HAS_PLOGP", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+INTEGER_ARGS = {"stride_row", "grad_rows_stride", "grad_stride_row", "V", "vocab_start", "ignore_index", "k"}
 
 
 def argument_type(name: str, dtype: str) -> str:
     """Triton signature type of a kernel argument, from the names the kernels use."""
     pointers = {"logits_ptr": dtype, "grad_ptr": dtype, "target_ptr": "i64", "threshold_ptr": "i64",
-                "last_tie_ptr": "i32"}
+                "last_tie_ptr": "i32", "threshold_value_ptr": dtype, "threshold_key_ptr": "i64",
+                "tie_budget_ptr": "i32"}
     if name.endswith("_ptr"):
         return "*" + pointers.get(name, "fp32")
     return "i32" if name in INTEGER_ARGS else "fp32"
@@ -85,7 +88,9 @@ def flag_sets(flags: tuple[str, ...]) -> dict[str, dict[str, bool]]:
 
 def variants():
     """(label, kernel, dtype, flags): all off / all on per dtype, each feature alone in bf16."""
-    for kernel, flags in ((generalised_ce_forward, FORWARD_FLAGS), (generalised_ce_backward, BACKWARD_FLAGS)):
+    kernels = ((generalised_ce_forward, FORWARD_FLAGS), (generalised_ce_backward, BACKWARD_FLAGS),
+               (vocab_shard_partials, SHARD_FLAGS))
+    for kernel, flags in kernels:
         sets = flag_sets(flags)
         for dtype in ("fp32", "bf16", "fp16"):
             for name in ("none", "all"):

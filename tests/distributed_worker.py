@@ -16,6 +16,11 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+
+if not torch.cuda.is_available():
+    # The spawned ranks run the Triton cases under the interpreter: set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import random_logits, random_targets
@@ -105,7 +110,23 @@ def _shard(t: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
 
 
 def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: Any = None) -> dict[str, Any]:
-    """Sharded loss, gradient and stats against precision_ce.cross_entropy of the gathered logits."""
+    """Sharded loss, gradient and stats against precision_ce.cross_entropy of the gathered logits.
+
+    case["backend"] = "triton": the sharded loss runs the kernels (the interpreter on CPU) with
+    blocks of case["block"] (default 4) logits, so shard rows span several blocks and end ragged.
+    """
+    if case.get("backend") != "triton":
+        return _run_exact(case, sizes, rank, group)
+    from precision_ce import triton_backend
+
+    saved, triton_backend.FORCED_BLOCK = triton_backend.FORCED_BLOCK, case.get("block", 4)
+    try:
+        return _run_exact(case, sizes, rank, group)
+    finally:
+        triton_backend.FORCED_BLOCK = saved
+
+
+def _run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: Any = None) -> dict[str, Any]:
     x, target, weight = _inputs(case, sizes)
     options = dict(case.get("options", {}))
     reduction = options.pop("reduction", "mean")
@@ -125,7 +146,8 @@ def run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: An
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         shard_weight = None if weight is None else _shard(weight, sizes, rank)
         out = vocab_parallel_cross_entropy(shard, target, weight=shard_weight, reduction=reduction,
-                                           return_stats=stats_wanted, group=group, **options)
+                                           return_stats=stats_wanted, group=group,
+                                           backend=case.get("backend", "auto"), **options)
     loss, stats = out if stats_wanted else (out, None)
     (loss * upstream.to(loss.dtype)).sum().backward()
 
@@ -177,7 +199,7 @@ def run_errors(sizes: tuple[int, ...], rank: int) -> dict[str, str]:
         "weight_on_some_ranks": lambda: vocab_parallel_cross_entropy(
             x, target, weight=torch.ones(sizes[rank], dtype=torch.float64) if rank == 0 else None),
         "target_out_of_range": lambda: vocab_parallel_cross_entropy(x, torch.full((6,), sum(sizes))),
-        "triton": lambda: vocab_parallel_cross_entropy(x, target, backend="triton"),
+        "triton_fp64": lambda: vocab_parallel_cross_entropy(x, target, backend="triton"),
         "probabilities": lambda: vocab_parallel_cross_entropy(x, torch.rand(6, sizes[rank], dtype=torch.float64)),
         "wrong_target_shape": lambda: vocab_parallel_cross_entropy(x, target[:, None]),
     }
@@ -203,11 +225,17 @@ COMM_MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_communication(rank: int, world: int, dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+TRITON_COMM_MODES = ("precision (beta)", "every option, k=8")
+"""The modes whose bytes the Triton path is measured at too (the interpreter is slow)."""
+
+
+def run_communication(rank: int, world: int, dtype: torch.dtype = torch.float32, backend: str = "auto",
+                      modes: tuple[str, ...] = tuple(COMM_MODES)) -> dict[str, dict]:
     """Bytes each rank hands to collectives in one fwd+bwd, per mode, for two row counts and two
     shard widths: {mode: {(rows, V_r): (sent, received, calls)}} by collective."""
     out: dict[str, dict] = {}
-    for mode, options in COMM_MODES.items():
+    for mode in modes:
+        options = COMM_MODES[mode]
         options = dict(options)
         with_weight = options.pop("weight", False)
         out[mode] = {}
@@ -217,7 +245,7 @@ def run_communication(rank: int, world: int, dtype: torch.dtype = torch.float32)
             target = torch.randint(0, shard_vocab * world, (rows,), generator=torch.Generator().manual_seed(9))
             weight = torch.ones(shard_vocab, dtype=dtype) if with_weight else None
             with CommunicationCounter() as counter:
-                loss = vocab_parallel_cross_entropy(x, target, weight=weight, **options)
+                loss = vocab_parallel_cross_entropy(x, target, weight=weight, backend=backend, **options)
                 (loss[0] if isinstance(loss, tuple) else loss).backward()
             out[mode][(rows, shard_vocab)] = (dict(counter.sent), dict(counter.received), dict(counter.calls))
     return out
@@ -281,6 +309,9 @@ def worker(rank: int, world: int, store: str, cases: list[dict[str, Any]], sizes
             results["subgroup"] = run_subgroup(rank)
         if "communication" in extras:
             results["communication"] = run_communication(rank, world)
+        if "communication_triton" in extras:
+            results["communication_triton"] = run_communication(rank, world, backend="triton",
+                                                                modes=TRITON_COMM_MODES)
         if "memory" in extras:
             results["memory"] = run_memory(rank)
         if "memory_large" in extras:  # 64 MiB shards at the torch backend's own chunk size

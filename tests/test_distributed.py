@@ -75,26 +75,44 @@ def _cases() -> list[dict]:
     return cases
 
 
-CASES = _cases()
+TRITON_TWINS = (
+    "cross_entropy-k10-mean-stats0", "precision-k10-none-stats0", "tail_penalty-k10-mean-stats1",
+    "head_reward-k10-sum-stats0", "ties-both-k1", "ties-both-k10", "ties-tail-k15", "weight-z_loss-mean",
+    "smoothing-weight", "focal", "ignore_index-3", "every-option", "padding-inf", "n-d-input", "empty", "bfloat16",
+)
+"""Cases also run on the Triton path (the kernels under the interpreter, blocks of 4 logits): every
+preset, ties cut inside a shard and across shards, each option, stats, N-d input, no rows, bf16."""
 
 
-@functools.cache
-def _results(world: int) -> list[dict]:
-    from distributed_worker import run_group
-
-    extras = ("errors", "communication", "memory") if world == 2 else ("errors", "subgroup")
-    return run_group(world, CASES, SIZES[world], extras)
+def _triton_twin(case: dict, block: int = 4) -> dict:
+    """The case on backend="triton": fp32 (the kernels take no fp64), bf16 stays bf16."""
+    dtype = torch.bfloat16 if _dtype(case) == torch.bfloat16 else torch.float32
+    return {**case, "name": f"triton-{case['name']}", "backend": "triton", "dtype": dtype, "block": block}
 
 
 def _dtype(case: dict) -> torch.dtype:
     return case.get("dtype", torch.float64)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_equals_single_process_loss(world: int, case: dict) -> None:
+TORCH_CASES = _cases()
+CASES = TORCH_CASES + [_triton_twin(c) for c in TORCH_CASES if c["name"] in TRITON_TWINS]
+SLOW_CASES = [_triton_twin(c, block) for c in TORCH_CASES if c["name"] not in TRITON_TWINS for block in (8,)]
+"""Every other case on the Triton path (pytest -m slow)."""
+
+
+@functools.cache
+def _results(world: int, slow: bool = False) -> list[dict]:
+    from distributed_worker import run_group
+
+    if slow:
+        return run_group(world, SLOW_CASES, SIZES[world])
+    extras = ("errors", "communication", "communication_triton", "memory") if world == 2 else ("errors", "subgroup")
+    return run_group(world, CASES, SIZES[world], extras)
+
+
+def _check_exact(world: int, case: dict, slow: bool = False) -> None:
     tolerance = TOLERANCE[_dtype(case)]
-    for rank, records in enumerate(_results(world)):
+    for rank, records in enumerate(_results(world, slow)):
         record = records["exact"][case["name"]]
         assert record["loss_error"] <= tolerance, (rank, record)
         assert record["grad_error"] <= tolerance, (rank, record)
@@ -107,12 +125,25 @@ def test_equals_single_process_loss(world: int, case: dict) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_equals_single_process_loss(world: int, case: dict) -> None:
+    _check_exact(world, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", SLOW_CASES, ids=[c["name"] for c in SLOW_CASES])
+def test_triton_path_equals_single_process_loss_every_case(world: int, case: dict) -> None:
+    _check_exact(world, case, slow=True)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_bad_input_raises_the_same_error_on_every_rank(world: int) -> None:
     expected = {
         "rows_differ": "ValueError: every rank must pass the same positions",
         "weight_on_some_ranks": "ValueError: pass weight=",
         "target_out_of_range": "ValueError: target holds class index",
-        "triton": "NotImplementedError: backend='triton' is not available",
+        "triton_fp64": "TypeError: backend='triton' takes float32, bfloat16 or float16 logits",
         "probabilities": "TypeError: vocab_parallel_cross_entropy takes class-index targets",
         "wrong_target_shape": "ValueError: target must have shape",
     }
@@ -151,6 +182,13 @@ def test_memory_per_rank_within_two_and_a_half_shards() -> None:
         for mode, ratio in records["memory"].items():
             # The gradient alone is 1x: less would mean the profiler missed allocations.
             assert 1.0 <= ratio <= 2.5, (rank, mode, ratio)
+
+
+def test_triton_path_moves_the_same_bytes_as_the_torch_path() -> None:
+    """The kernels replace the local passes only: the same collectives, byte for byte."""
+    for rank, records in enumerate(_results(2)):
+        for mode, by_size in records["communication_triton"].items():
+            assert by_size == records["communication"][mode], (rank, mode, by_size)
 
 
 def test_needs_an_initialised_process_group() -> None:
