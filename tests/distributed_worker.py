@@ -142,14 +142,17 @@ def _run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: A
     upstream = torch.rand(ref_loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
     (ref_loss * upstream.to(ref_loss.dtype)).sum().backward()
 
-    shard = _shard(x, sizes, rank).clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        shard_weight = None if weight is None else _shard(weight, sizes, rank)
-        out = vocab_parallel_cross_entropy(shard, target, weight=shard_weight, reduction=reduction,
+    # The Triton cases run compiled kernels on CUDA tensors where a GPU is present (gloo moves them).
+    device = "cuda" if case.get("backend") == "triton" and torch.cuda.is_available() else "cpu"
+    shard = _shard(x, sizes, rank).clone().to(device).requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        shard_weight = None if weight is None else _shard(weight, sizes, rank).to(device)
+        out = vocab_parallel_cross_entropy(shard, target.to(device), weight=shard_weight, reduction=reduction,
                                            return_stats=stats_wanted, group=group,
                                            backend=case.get("backend", "auto"), **options)
     loss, stats = out if stats_wanted else (out, None)
-    (loss * upstream.to(loss.dtype)).sum().backward()
+    (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
+    loss, stats = loss.detach().cpu(), None if stats is None else reference.RowStats(*(s.cpu() for s in stats))
 
     def relative(a: torch.Tensor, b: torch.Tensor) -> float:
         if a.numel() == 0:
@@ -162,7 +165,7 @@ def _run_exact(case: dict[str, Any], sizes: tuple[int, ...], rank: int, group: A
 
     record = {
         "loss_error": relative(loss.detach(), ref_loss.detach()),
-        "grad_error": relative(shard.grad, _shard(full.grad, sizes, rank)),
+        "grad_error": relative(shard.grad.cpu(), _shard(full.grad, sizes, rank)),
         "dtype_matches": loss.dtype == ref_loss.dtype and shard.grad.dtype == shard.dtype,
         "shape_matches": loss.shape == ref_loss.shape,
         "loss_bits": loss.detach().double().flatten(),
