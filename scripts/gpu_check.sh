@@ -27,6 +27,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.lo
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
     tests/test_reference.py tests/test_bench.py 2>&1 | tee "$out/tests.log" | tail -n 15
 tests_status=${PIPESTATUS[0]}
+# The vocab-parallel loss: gloo ranks on the one GPU; its Triton cases run the compiled kernels on CUDA tensors.
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_distributed.py 2>&1 | tee "$out/tests_distributed.log" | tail -n 5
+[ "${PIPESTATUS[0]}" -eq 0 ] || tests_status=1
 
 timeout 280 python3 -m precision_ce.cli bench --device cuda --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
 bench_status=${PIPESTATUS[0]}

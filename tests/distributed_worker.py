@@ -353,7 +353,7 @@ def summary(world: int = 2) -> str:
             f"{mode} " + ", ".join(f"{r[key][mode]:.2f}" for r in records) for mode in records[0][key])]
     worst: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for case in CASES:
-        dtype = str(case.get("dtype", torch.float64)).replace("torch.", "")
+        dtype = case.get("backend", "torch") + " path, " + str(case.get("dtype", torch.float64)).replace("torch.", "")
         for r in records:
             for key, value in r["exact"][case["name"]].items():
                 if key.endswith("_error"):
