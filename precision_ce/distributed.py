@@ -15,8 +15,13 @@ group-rank order). The loss of a row needs a few global numbers; everything else
 
 From these the per-row arithmetic is the torch backend's own (``reference.shaped_rows``); the sums
 over K come from the k largest values (``reference.head_sums``), which every rank holds after
-collective 1. The backward pass is local (every per-row number is replicated): the torch backend's
+collective 1. The backward pass is local (every per-row number is replicated): the backend's own
 backward on the shard. Nothing of size rows x V is gathered; docs/distributed.md counts the bytes.
+
+The Triton path (``triton_backend.shard_partials``, kernels/vocab_parallel.py) computes the local
+passes in one kernel: without a head before collective 1, its sums relative to the shard's max and
+rescaled here to the global max (``_rescale_to_global_max``); with a head after it, given the global
+threshold and this shard's tie budget. The collectives and the per-row arithmetic are the same.
 """
 
 from __future__ import annotations
