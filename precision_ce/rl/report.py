@@ -48,6 +48,21 @@ def format_tables(result: ExperimentResult) -> str:
         rows = [[name, *(f"{100 * summary[name, stage, k][0]:.1f} ± {100 * summary[name, stage, k][1]:.1f}"
                          for k in ks)] for name in result.presets]
         lines += [*_table(["preset", *(f"@{k}" for k in ks)], rows), ""]
+    if "cross_entropy" in result.presets and len(result.presets) > 1:
+        lines.append("After RL minus cross_entropy, paired by seed (same task, corpus, initialisation), percentage "
+                     "points: mean ± std; wins = seeds where the preset is higher")
+        rows = []
+        for name in result.presets:
+            if name == "cross_entropy":
+                continue
+            cells = [name]
+            for k in (ks[0], ks[-1]):
+                deltas = [100 * (result.run(name, seed).after.pass_at[k]
+                                 - result.run("cross_entropy", seed).after.pass_at[k]) for seed in result.seeds]
+                mean, std = mean_std(deltas)
+                cells += [f"{mean:+.1f} ± {std:.1f}", f"{sum(d > 0 for d in deltas)}/{len(deltas)}"]
+            rows.append(cells)
+        lines += [*_table(["preset", f"d@{ks[0]}", "wins", f"d@{ks[-1]}", "wins"], rows), ""]
     header = ["preset", "entropy before", "entropy after", "length before", "length after",
               "RL reward first 10", "RL reward last 10"]
     rows = []
