@@ -12,7 +12,7 @@ import torch
 
 from ..config import PRESETS
 from ..demo import parse_presets
-from .experiment import DEFAULT_PRESETS, DEFAULT_SEEDS, QUICK, RLSettings, run_experiment
+from .experiment import DEFAULT_PRESETS, DEFAULT_SEEDS, QUICK, TRAINERS, RLSettings, run_experiment
 from .report import format_tables, plot_figures, write_csvs
 
 
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, help=f"transformer blocks (default {defaults.layers})")
     parser.add_argument("--eval-samples", type=int,
                         help=f"samples per test prompt; Pass@k up to this k (default {defaults.eval_samples})")
+    parser.add_argument("--trainer", choices=TRAINERS, default=defaults.trainer,
+                        help="builtin: the compact GRPO loop (default); trl: TRL's GRPOTrainer on a transformers "
+                             'Llama (pip install -e ".[rl-trl]")')
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("rl-out"), help="directory for CSVs and figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,6 +52,7 @@ def settings_from_args(args: argparse.Namespace) -> RLSettings:
                     if value is not None}
     model_changes = {field: value for field, value in (("model_dim", args.model_dim), ("layers", args.layers),
                                                        ("eval_samples", args.eval_samples)) if value is not None}
+    model_changes["trainer"] = args.trainer
     return dataclasses.replace(base, pretrain=pretrain, grpo=dataclasses.replace(base.grpo, **grpo_changes),
                                **model_changes)
 

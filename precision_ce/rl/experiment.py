@@ -24,6 +24,7 @@ from .pretrain import PretrainSettings, pretrain
 from .task import make_corpus, make_task
 
 DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
+TRAINERS: tuple[str, ...] = ("builtin", "trl")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 """Report seeds. The task and recipe were sized on seeds 100-102 only (docs/rl.md), never on these."""
 
@@ -46,6 +47,7 @@ class RLSettings:
     pretrain: PretrainSettings = dataclasses.field(default_factory=PretrainSettings)
     grpo: GRPOSettings = dataclasses.field(default_factory=GRPOSettings)
     eval_samples: int = 64  # samples per test prompt; Pass@k for k = 1, 2, 4, ..., eval_samples
+    trainer: str = "builtin"  # "builtin": grpo.py on TinyCausalLM; "trl": TRL's GRPOTrainer on a transformers Llama
 
     @property
     def k(self) -> int:
@@ -116,6 +118,8 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
         raise ValueError(f"presets must be a non-empty list from {sorted(PRESETS)}, got {list(presets)}")
     if not seeds:
         raise ValueError("give at least one seed")
+    if settings.trainer not in TRAINERS:
+        raise ValueError(f"trainer must be one of {TRAINERS}, got {settings.trainer!r}")
     device = torch.device(device)
     steps_per_run = settings.pretrain.steps + settings.grpo.steps
     bar = tqdm(total=steps_per_run * len(presets) * len(seeds), disable=not progress, unit="step",
@@ -141,8 +145,13 @@ def _run_one(name: str, seed: int, task, corpus, settings: RLSettings, device: t
     start = time.perf_counter()
     config = preset(name, k=settings.k)
     torch.manual_seed(seed)  # same initial weights for every preset
-    model = TinyCausalLM(task.vocab_size, task.sequence_len, settings.model_dim, settings.layers,
-                         settings.heads).to(device)
+    if settings.trainer == "trl":
+        from .trl_trainer import HFCausalLM
+
+        model = HFCausalLM(task, settings.model_dim, settings.layers, settings.heads).to(device)
+    else:
+        model = TinyCausalLM(task.vocab_size, task.sequence_len, settings.model_dim, settings.layers,
+                             settings.heads).to(device)
     corpus_ce = pretrain(model, corpus, config, settings.pretrain, torch.Generator().manual_seed(seed + 2), bar)
     ks = default_ks(settings.eval_samples)
 
@@ -152,6 +161,11 @@ def _run_one(name: str, seed: int, task, corpus, settings: RLSettings, device: t
         return evaluate(model, task, task.test_pairs, settings.eval_samples, ks, generator)
 
     before = evaluation()
-    curves = train_grpo(model, task, settings.grpo, torch.Generator(device=device).manual_seed(seed + 4), bar)
+    if settings.trainer == "trl":
+        from .trl_trainer import train_grpo_trl
+
+        curves = train_grpo_trl(model, task, settings.grpo, seed + 4, bar)
+    else:
+        curves = train_grpo(model, task, settings.grpo, torch.Generator(device=device).manual_seed(seed + 4), bar)
     after = evaluation()
     return RunResult(name, seed, config, corpus_ce, before, after, curves, time.perf_counter() - start)
