@@ -260,3 +260,14 @@ def test_cli_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["rl", "--quick", "--seeds", "a,b"]) == 2
     err = capsys.readouterr().err
     assert "--presets" in err and "--group-size must be >= 2" in err and "--seeds" in err
+
+
+@pytest.mark.slow
+def test_trl_trainer_runs_the_same_pipeline() -> None:
+    pytest.importorskip("trl", reason='optional: pip install -e ".[rl-trl]"')
+    settings = dataclasses.replace(QUICK, trainer="trl", pretrain=dataclasses.replace(QUICK.pretrain, steps=100),
+                                   grpo=dataclasses.replace(QUICK.grpo, steps=6))
+    run = run_experiment(("cross_entropy",), (0,), settings, progress=False).runs[0]
+    assert len(run.curves.reward) == len(run.curves.entropy) == len(run.curves.length) == 6
+    assert all(0.0 <= r <= 1.0 for r in run.curves.reward) and all(e > 0 for e in run.curves.entropy)
+    assert 0.0 < run.before.pass_at[1] < 1.0 and run.before.pass_at != run.after.pass_at  # RL changed the model
