@@ -21,7 +21,7 @@ from .grpo import GRPOSettings, RLCurves, train_grpo
 from .metrics import Evaluation, default_ks, evaluate
 from .model import TinyCausalLM
 from .pretrain import PretrainSettings, pretrain
-from .task import make_corpus, make_task
+from .task import Corpus, PathTask, make_corpus, make_task
 
 DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
 TRAINERS: tuple[str, ...] = ("builtin", "trl")
@@ -140,8 +140,8 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
     return ExperimentResult(settings, tuple(presets), tuple(seeds), runs, composition)
 
 
-def _run_one(name: str, seed: int, task, corpus, settings: RLSettings, device: torch.device, bar: tqdm
-             ) -> RunResult:
+def _run_one(name: str, seed: int, task: PathTask, corpus: Corpus, settings: RLSettings, device: torch.device,
+             bar: tqdm) -> RunResult:
     start = time.perf_counter()
     config = preset(name, k=settings.k)
     torch.manual_seed(seed)  # same initial weights for every preset
