@@ -1,4 +1,4 @@
-"""The ``precision-ce`` command line: ``precision-ce demo`` and ``precision-ce bench``."""
+"""The ``precision-ce`` command line: ``precision-ce demo``, ``precision-ce bench`` and ``precision-ce rl``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("precision_ce.demo", "train a small language model once per preset and compare"),
     "bench": ("precision_ce.bench", "time and measure memory of the loss against F.cross_entropy and peers"),
+    "rl": ("precision_ce.rl.cli", "pre-train with each preset, then reinforcement-learn (GRPO), and measure Pass@k"),
 }
 
 

@@ -546,11 +546,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory for the CSVs and figures (default: demo-out)")
 
 
+def parse_presets(text: str) -> list[str]:
+    """Comma-separated preset names, duplicates dropped; [] when empty or any name is unknown."""
+    presets = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    return presets if all(name in PRESETS for name in presets) else []
+
+
 def run(args: argparse.Namespace) -> int:
     """Train every preset, print the table, write CSVs and figures to ``args.out``."""
-    presets = list(dict.fromkeys(name.strip() for name in args.presets.split(",") if name.strip()))
-    unknown = [name for name in presets if name not in PRESETS]
-    if unknown or not presets:
+    presets = parse_presets(args.presets)
+    if not presets:
         print(f"precision-ce demo: unknown or empty --presets {args.presets!r}; "
               f"choose from {','.join(PRESETS)}", file=sys.stderr)
         return 2
