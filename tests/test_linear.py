@@ -266,11 +266,11 @@ def test_module_form() -> None:
 
 def test_chunk_size_is_automatic_and_bounded() -> None:
     auto = linear_module.auto_chunk_rows
-    assert auto(4096, 32000, 256, 4) == 64  # 8 MiB of logits (the input is 4 MiB)
+    assert auto(4096, 32000, 256, 4) == 128  # 16 MiB of logits (the input is 4 MiB)
     assert auto(16384, 128256, 4096, 2) == 512  # the input's 128 MiB
     assert auto(10, 32000, 256, 4) == 10
     assert auto(100000, 10**7, 8, 4) == 1
-    assert auto(4096, 8192, 256, 2) == 512  # bf16: as many bytes, twice the rows
+    assert auto(4096, 8192, 256, 2) == 1024  # bf16: as many bytes, twice the rows
 
 
 @pytest.mark.parametrize("bad, match", [
