@@ -36,9 +36,9 @@ DEFAULT_CUDA_CASES: tuple[tuple[str, int, int], ...] = (
 DEFAULT_CUDA_SHAPES = "16384x32000,16384x128256,16384x151936"
 DEFAULT_CUDA_DTYPES = "bf16"
 
-DEFAULT_LINEAR_SHAPES = {"cpu": "1024x256x32000", "cuda": "4096x4096x128256,16384x4096x128256"}
+DEFAULT_LINEAR_SHAPES = {"cpu": "1024x256x32000", "cuda": "16384x4096x128256"}
 """Fused-linear cases (TOKENSxHIDDENxVOCAB) of a default run."""
-DEFAULT_LINEAR_PRESETS = {"cpu": "cross_entropy,tail_penalty", "cuda": "all"}
+DEFAULT_LINEAR_PRESETS = {"cpu": "cross_entropy,tail_penalty", "cuda": "cross_entropy,precision,tail_penalty"}
 
 DEFAULT_REPEATS = {"cpu": 5, "cuda": 3}
 DEFAULT_COMPILE_PRESETS = {"cpu": "precision,tail_penalty", "cuda": "all"}
