@@ -34,6 +34,7 @@ from torch import nn
 
 from . import reference
 from .api import (
+    EXACT_DTYPES,
     REDUCTIONS,
     Backend,
     _backend,
@@ -44,6 +45,7 @@ from .api import (
     _mean_denominator,
     _rescale_z_loss,
     _reward_config,
+    _torch_cross_entropy,
     result_dtype,
 )
 from .config import LossParams, RewardConfig
@@ -69,12 +71,37 @@ def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int) -> in
     return max(1, min(rows, chunk))
 
 
+class _TorchCrossEntropy:
+    """torch's own cross-entropy per chunk, with the backends' forward/backward contract: what
+    ``cross_entropy`` runs at the plain setting (fp32/fp64, torch backend, no stats), bit for bit
+    F.cross_entropy's per-row loss and gradient. It keeps no per-row state."""
+
+    RowState = tuple
+
+    @staticmethod
+    def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                with_stats: bool) -> tuple[torch.Tensor, tuple[()], None]:
+        loss = _torch_cross_entropy(logits, target, weight, ignore_index=params.ignore_index, reduction="none",
+                                    label_smoothing=params.label_smoothing)
+        return loss, (), None
+
+    @staticmethod
+    def backward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                 state: Any, grad_rows: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            loss = _torch_cross_entropy(leaf, target, weight, ignore_index=params.ignore_index, reduction="none",
+                                        label_smoothing=params.label_smoothing)
+            (grad,) = torch.autograd.grad(loss, leaf, grad_rows.to(loss.dtype))
+        return grad
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What the autograd function needs besides the tensors."""
 
     params: LossParams
-    backend: ModuleType
+    backend: ModuleType | type[_TorchCrossEntropy]
     reduction: str
     chunk_rows: int
     matmul_dtype: torch.dtype  # the logits' dtype: the input's, or autocast's
@@ -204,7 +231,7 @@ def _recompute_backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor
     """reduction="none": recompute each chunk's logits and apply the per-row upstream gradient."""
     plan: _Plan = ctx.plan
     input, weight, bias, target, class_weight, *state = ctx.saved_tensors
-    state = plan.backend.RowState(*state) if state else None  # None: no rows
+    state = plan.backend.RowState(*state) if state else None  # None: no rows or no state
     with _no_autocast(input.device):
         x_all = input.to(plan.matmul_dtype)
         w = weight.to(plan.matmul_dtype)
@@ -213,7 +240,7 @@ def _recompute_backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor
         for chunk in plan.chunks(input.shape[0]):
             x, t = x_all[chunk], target[chunk]
             logits = F.linear(x, w, b)
-            chunk_state = state._replace(**{f: getattr(state, f)[chunk] for f in state._fields})
+            chunk_state = state and state._replace(**{f: getattr(state, f)[chunk] for f in state._fields})
             g = plan.backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
             del logits
             _chunk_gradients(plan, g, x, w, grads, chunk)
@@ -321,6 +348,8 @@ def linear_cross_entropy(
     if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
         _check_target_range(rows_target, vocab, ignore_index)
     rows_target = rows_target.long()
+    if chosen is reference and params.is_plain_cross_entropy and not return_stats and matmul_dtype in EXACT_DTYPES:
+        chosen = _TorchCrossEntropy  # cross_entropy's own fast path, per chunk
 
     denominator = z_scale = None
     if reduction == "mean":
