@@ -117,8 +117,7 @@ def _no_autocast(device: torch.device) -> Any:
 
 
 def _chunk_gradients(
-    plan: _Plan, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grads: list[torch.Tensor | None],
-    rows: slice,
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grads: list[torch.Tensor | None], rows: slice,
 ) -> None:
     """Add one chunk's share to grads = [grad_input (N, D), grad_weight (V, D), grad_bias (V,)]."""
     grad_input, grad_weight, grad_bias = grads
@@ -190,7 +189,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if folded:
                     g = plan.backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
                     del logits
-                    _chunk_gradients(plan, g, x, w, grads, chunk)
+                    _chunk_gradients(g, x, w, grads, chunk)
                 elif plan.reduction == "none" and any(needs):
                     states.append(state)
         rows_loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=torch.float32)
@@ -243,7 +242,7 @@ def _recompute_backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor
             chunk_state = state and state._replace(**{f: getattr(state, f)[chunk] for f in state._fields})
             g = plan.backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
             del logits
-            _chunk_gradients(plan, g, x, w, grads, chunk)
+            _chunk_gradients(g, x, w, grads, chunk)
     return _finish(grads, ctx.dtypes, None)
 
 
