@@ -25,14 +25,22 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.lo
 
 # Tests: CUDA present, so conftest does not set TRITON_INTERPRET and the kernels compile.
 timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
-    tests/test_reference.py tests/test_bench.py 2>&1 | tee "$out/tests.log" | tail -n 15
+    tests/test_reference.py tests/test_bench.py tests/test_linear.py 2>&1 | tee "$out/tests.log" | tail -n 15
 tests_status=${PIPESTATUS[0]}
 # The vocab-parallel loss: gloo ranks on the one GPU; its Triton cases run the compiled kernels on CUDA tensors.
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_distributed.py 2>&1 | tee "$out/tests_distributed.log" | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || tests_status=1
 
-timeout 280 python3 -m precision_ce.cli bench --device cuda --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
+timeout 180 python3 -m precision_ce.cli bench --device cuda --linear-shapes none --out "$out/bench" 2>&1 \
+    | tee "$out/bench.log" | tail -n 60
 bench_status=${PIPESTATUS[0]}
+
+# Fused linear + loss at the issue's target shape (bf16, N 16384, D 4096, V 128256), with Liger's and
+# cut-cross-entropy's fused losses when their wheels are in .whl/.
+timeout 120 python3 -m precision_ce.cli bench --device cuda --shapes none --linear-shapes 16384x4096x128256 \
+    --linear-presets cross_entropy,precision,tail_penalty --out "$out/bench_linear" 2>&1 \
+    | tee "$out/bench_linear.log" | tail -n 30
+[ "${PIPESTATUS[0]}" -eq 0 ] || bench_status=1
 
 echo "tests exit $tests_status, bench exit $bench_status" | tee -a "$out/env.txt"
 [ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
