@@ -163,6 +163,7 @@ def test_logit_scale_falls_back_to_unfused_with_a_warning(fused_loss: bool) -> N
     assert getattr(model, "_precision_ce", None) is None
     got_loss, got_grads = loss_and_grads(model, **inputs)
     assert torch.equal(got_loss, want_loss)
+    assert all(torch.equal(got_grads[name], want_grads[name]) for name in want_grads)
     with pytest.raises(ValueError, match="fused=True is not possible for CohereForCausalLM"):
         hf.apply(model, fused=True)
 
@@ -271,13 +272,13 @@ def test_bad_arguments() -> None:
         hf.apply(torch.nn.Linear(2, 2))
 
 
-def _trainer(model, tmp_path, callbacks=(), max_steps=30, **args):
+def _trainer(model, tmp_path, callbacks=(), max_steps=20, **args):
     """A short Trainer run on a learnable language: each row counts up from a random start."""
     starts = torch.randint(0, VOCAB, (64, 1), generator=torch.Generator().manual_seed(0))
     rows = (starts + torch.arange(16)) % VOCAB
     data = [{"input_ids": row, "labels": row} for row in rows]
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=3e-3,
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=5e-3,
         logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, **args,
     )
     return transformers.Trainer(model=model, args=arguments, train_dataset=data, callbacks=list(callbacks))
@@ -301,3 +302,33 @@ def test_callback_refuses_label_smoothing(tmp_path) -> None:
     model = hf.apply(tiny_model("llama"), fused=False)
     with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*label_smoothing="):
         _trainer(model, tmp_path, callbacks=[hf.PrecisionCECallback()], label_smoothing_factor=0.1)
+
+
+def training_step_peak_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
+    """Peak CPU bytes allocated during forward + backward (torch.profiler allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from precision_ce.bench import cpu_peak_from_events
+
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(**inputs).loss.backward()
+    return cpu_peak_from_events(prof.profiler.kineto_results.events())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(precision_ce, "linear_cross_entropy"), reason="needs precision_ce.linear_cross_entropy")
+def test_fused_step_peak_memory_is_under_0_3x_the_models_own() -> None:
+    """Tiny Llama (2 layers, hidden 64, V 32000), batch 8 x 512: one training step's peak, fused
+    vs the model's own loss, measured in the same run."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    inputs = batch(rows=8, seq=512, seed=0, vocab=32000)
+    own = training_step_peak_bytes(model, inputs)
+    hf.apply(model, PRESETS["precision"], fused=True)
+    fused = training_step_peak_bytes(model, inputs)
+    print(f"\npeak of one training step: model's own loss {own / 2**20:.1f} MiB, "
+          f"precision_ce.hf fused {fused / 2**20:.1f} MiB, ratio {fused / own:.3f}")
+    assert fused <= 0.3 * own
