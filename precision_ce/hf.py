@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -349,8 +350,8 @@ def _fused_blocker(lm: PreTrainedModel, probe: _Probe, loss: CausalLMLoss) -> st
     head = probe.head
     if type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
         return f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
-    if getattr(head, "_hf_hook", None) is not None:
-        return "the output layer has an accelerate hook (device map or offloading)"
+    if getattr(head, "_hf_hook", None) is not None or "forward" in vars(head):
+        return "the output layer's forward is replaced on the instance (e.g. an accelerate device-map hook)"
     if probe.head_calls != 1 or probe.head_input is None:
         return f"the output layer was called {probe.head_calls} times in one forward, not once"
     if probe.meta_error is not None:
@@ -388,19 +389,27 @@ def _capture_head_input(head: nn.Linear) -> Iterator[_Captured]:
             else torch.get_autocast_dtype(hidden.device.type)
         return torch.empty((*hidden.shape[:-1], head.out_features), dtype=dtype, device="meta")
 
+    own_forward = vars(head).get("forward")  # an instance-level forward (a hook's) comes back after
     head.forward = forward
     try:
         yield captured
     finally:
-        del head.forward
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
 
 
 def _fused_forward(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
     """The model's forward; with labels and autograd on, the loss without the logits (logits=None)."""
     attached: _Attached = self._precision_ce
+    if args:  # model(input_ids, ...): name them, to find and replace the labels
+        names = [p.name for p in inspect.signature(attached.original_forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
     labels = kwargs.get("labels")
-    if labels is None or not torch.is_grad_enabled() or args:
-        return attached.original_forward(*args, **kwargs)
+    if labels is None or not torch.is_grad_enabled():
+        return attached.original_forward(**kwargs)
     kwargs["labels"] = None
     with _capture_head_input(attached.head) as captured:
         output = attached.original_forward(**kwargs)

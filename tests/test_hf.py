@@ -132,6 +132,10 @@ def test_shaped_loss_is_precision_ce_on_the_models_logits(fused: bool, fused_los
         output = model(**inputs)
     assert output.logits is not None
     torch.testing.assert_close(output.loss, want)
+    # Positional input_ids and tuple outputs take the same path: (loss, ...) without the logits.
+    loss, *rest = model(inputs["input_ids"], labels=inputs["labels"], return_dict=False)
+    torch.testing.assert_close(loss, want)
+    assert all(not (isinstance(value, torch.Tensor) and value.shape[-1] == VOCAB) for value in rest) == fused
 
 
 @pytest.mark.parametrize("fused", [False, True])
