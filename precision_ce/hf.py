@@ -107,8 +107,8 @@ class CausalLMLoss:
     ) -> torch.Tensor:
         """logits: (batch, seq, V) any float dtype; labels: (batch, seq) int. Returns a scalar fp32 loss."""
         target = _targets(labels, ignore_index, shift_labels).to(logits.device)
-        return self._reduce(precision_ce.cross_entropy, (logits.reshape(-1, vocab_size), target), logits.dtype,
-                            target, num_items_in_batch, ignore_index, {})
+        return self._reduce(precision_ce.cross_entropy, (logits.reshape(-1, vocab_size), target),
+                            num_items_in_batch, ignore_index, {})
 
     def fused(
         self,
@@ -125,16 +125,17 @@ class CausalLMLoss:
         target = _targets(labels, ignore_index, shift_labels).to(hidden.device)
         extra = {"bias": bias} if softcap is None else {"bias": bias, "softcap": softcap}
         return self._reduce(precision_ce.linear_cross_entropy, (hidden.reshape(-1, hidden.shape[-1]), weight, target),
-                            hidden.dtype, target, num_items_in_batch, ignore_index, extra)
+                            num_items_in_batch, ignore_index, extra)
 
     def _reduce(
-        self, loss_fn: Callable[..., Any], tensors: tuple[torch.Tensor, ...], dtype: torch.dtype,
-        target: torch.Tensor, num_items_in_batch: torch.Tensor | int | None, ignore_index: int,
-        extra: dict[str, Any],
+        self, loss_fn: Callable[..., Any], tensors: tuple[torch.Tensor, ...],
+        num_items_in_batch: torch.Tensor | int | None, ignore_index: int, extra: dict[str, Any],
     ) -> torch.Tensor:
+        """loss_fn(*tensors, ...) (tensors: input first, flat targets last), normalised as transformers does."""
+        input, target = tensors[0], tensors[-1]
         reduction = "mean" if num_items_in_batch is None else "sum"
         with_stats = self.log_stats and torch.is_grad_enabled()
-        with _fp32_result(dtype, tensors[0].device):
+        with _fp32_result(input.dtype, input.device):
             result = loss_fn(*tensors, ignore_index=ignore_index, reduction=reduction, config=self.config,
                              return_stats=with_stats, **self.loss_kwargs, **extra)
         loss, stats = result if with_stats else (result, None)
