@@ -7,6 +7,7 @@ tokens inside / outside the top-``k``, with fused Triton kernels on the GPU.
 
 from .api import BACKENDS, PrecisionCrossEntropyLoss, cross_entropy
 from .config import PRESETS, LossParams, RewardConfig, preset
+from .linear import PrecisionLinearCrossEntropyLoss, linear_cross_entropy
 from .reference import RowStats
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "PRESETS",
     "LossParams",
     "PrecisionCrossEntropyLoss",
+    "PrecisionLinearCrossEntropyLoss",
     "RewardConfig",
     "RowStats",
     "cross_entropy",
+    "linear_cross_entropy",
     "preset",
 ]
 __version__ = "0.1.0"

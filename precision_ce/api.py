@@ -167,6 +167,21 @@ def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -
         )
 
 
+def _mean_denominator(
+    rows_target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, classes: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """reduction="mean": the denominator of the row losses' sum, #rows or sum_r c_{y_r} over the
+    non-ignored rows, and the z-loss's ``z_scale`` for ``_rescale_z_loss`` (None when it is 1)."""
+    valid = rows_target != params.ignore_index
+    if weight is None:
+        return valid.sum(), None
+    # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
+    class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
+    denominator = torch.where(valid, class_weight, 0).sum()
+    # The z-loss is a plain mean over positions (spec section 3).
+    return denominator, (denominator / valid.sum() if params.has_z_loss else None)
+
+
 def _backend(name: str, logits: torch.Tensor) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -296,17 +311,9 @@ def cross_entropy(
         return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
                                     reduction=reduction, label_smoothing=label_smoothing)
 
-    valid = rows_target != ignore_index
     z_scale = None
     if reduction == "mean":
-        if weight is None:
-            denominator = valid.sum()
-        else:
-            # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
-            class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
-            denominator = torch.where(valid, class_weight, 0).sum()
-            if params.has_z_loss:  # the z-loss is a plain mean over positions (spec section 3)
-                z_scale = denominator / valid.sum()
+        denominator, z_scale = _mean_denominator(rows_target, weight, params, classes)
     outputs = _GeneralisedCrossEntropy.apply(logits, rows_target, weight, z_scale, params, chosen, return_stats)
     rows_loss, stats = (outputs[0], RowStats(*outputs[1:])) if return_stats else (outputs, None)
 

@@ -139,7 +139,8 @@ def _assert_measured(row: dict[str, str]) -> None:
 def test_bench_smoke_run_writes_every_output(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     code = main(["bench", "--shapes", "64x512", "--repeats", "2", "--presets", "cross_entropy,tail_penalty",
-                 "--compile-presets", "none", "--min-time", "0.002", "--no-progress", "--out", str(out)])
+                 "--compile-presets", "none", "--linear-shapes", "none", "--min-time", "0.002", "--no-progress",
+                 "--out", str(out)])
     assert code == 0
     rows = _read_csv(out / "results.csv")
     by_label = {bench.candidate_label(row): row for row in rows}
@@ -171,6 +172,53 @@ def test_bench_smoke_run_writes_every_output(tmp_path: Path) -> None:
     assert "| F.cross_entropy |" in table and "Skipped:" in table
     for figure in ("time_vs_vocab.png", "memory_vs_vocab.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_linear_smoke_run_compares_fused_and_unfused(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    code = main(["bench", "--shapes", "none", "--linear-shapes", "96x16x512", "--linear-presets",
+                 "cross_entropy,tail_penalty", "--repeats", "2", "--no-compile", "--min-time", "0.002",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    rows = _read_csv(out / "results.csv")
+    by_label = {bench.candidate_label(row): row for row in rows}
+    assert set(by_label) == {
+        "F.linear+F.cross_entropy", "torch.compile(F.linear+F.cross_entropy)",
+        "F.linear+precision_ce[torch] cross_entropy", "linear_cross_entropy[torch] cross_entropy",
+        "F.linear+precision_ce[torch] tail_penalty", "linear_cross_entropy[torch] tail_penalty",
+        "liger_fused_linear_cross_entropy", "cut_cross_entropy",
+    }
+    for label, row in by_label.items():
+        assert (row["tokens"], row["hidden"], row["vocab"]) == ("96", "16", "512"), label
+        assert "failed" not in row["note"] and "differs" not in row["note"], (label, row["note"])
+        if row["note"].startswith("skipped:"):
+            continue
+        for column in ("fwd_ms", "fwd_bwd_ms", "peak_extra_mb", "ratio_vs_torch_ce"):
+            assert math.isfinite(float(row[column])) and float(row[column]) > 0, (label, column)
+    assert float(by_label["F.linear+F.cross_entropy"]["ratio_vs_torch_ce"]) == 1.0
+    fused = by_label["linear_cross_entropy[torch] tail_penalty"]
+    unfused = by_label["F.linear+precision_ce[torch] tail_penalty"]
+    assert float(fused["time_vs_unfused"]) == pytest.approx(float(fused["fwd_bwd_ms"]) / float(unfused["fwd_bwd_ms"]),
+                                                            rel=1e-4)
+    assert unfused["time_vs_unfused"] == ""
+    assert "CUDA" in by_label["cut_cross_entropy"]["note"] or "not installed" in by_label["cut_cross_entropy"]["note"]
+    assert (out / "linear_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "hidden states" in (out / "results.md").read_text()
+
+
+def test_linear_shapes_parse_and_fused_ratios_pair_by_preset() -> None:
+    assert bench.parse_linear_shapes("4096x256x32000, 8X4X10") == [(4096, 256, 32000), (8, 4, 10)]
+    for bad in ("4096x32000", "1x0x5", "axbxc", ""):
+        with pytest.raises(ValueError):
+            bench.parse_linear_shapes(bad)
+    rows = [dict(_row("F.linear+F.cross_entropy", fwd_bwd_ms=2.0, peak_extra_mb=100.0), hidden=8),
+            dict(_row("F.linear+precision_ce", fwd_bwd_ms=4.0, peak_extra_mb=50.0), hidden=8),
+            dict(_row("linear_cross_entropy", fwd_bwd_ms=5.0, peak_extra_mb=5.0), hidden=8),
+            dict(_row("linear_cross_entropy", fwd_bwd_ms=5.0, peak_extra_mb=5.0), hidden=8, preset="diversity")]
+    out = bench.add_ratios(rows)
+    assert [r["ratio_vs_torch_ce"] for r in out] == [1.0, 2.0, 2.5, 2.5]
+    assert [r["time_vs_unfused"] for r in out] == [None, None, 1.25, None]
+    assert [r["peak_vs_unfused"] for r in out] == [None, None, 0.1, None]
 
 
 def test_compile_failure_is_a_note_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
