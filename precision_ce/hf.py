@@ -226,8 +226,8 @@ def apply(
 
     config / loss_kwargs: as in ``causal_lm_loss``. fused: "auto" uses
     ``precision_ce.linear_cross_entropy`` (no logits in training forwards with labels) where it
-    exists and is exact for this model, else the unfused loss; True requires it (raises
-    otherwise); False never. log_stats: keep the batch diagnostics for ``PrecisionCECallback``.
+    is exact for this model, else the unfused loss with a one-line warning; True requires it
+    (raises otherwise); False never. log_stats: keep the batch diagnostics for ``PrecisionCECallback``.
     Calling it again replaces the previous setting. Returns ``model``.
     """
     if fused not in ("auto", True, False):
@@ -259,7 +259,7 @@ def apply(
             head, softcap = probe.head, probe.softcap
         elif fused is True:
             raise ValueError(f"fused=True is not possible for {type(lm).__name__}: {reason}")
-        elif hasattr(precision_ce, "linear_cross_entropy"):  # only a surprise when fusing was possible
+        else:
             warnings.warn(f"precision_ce.hf: {type(lm).__name__} uses the unfused loss: {reason}", stacklevel=2)
     if head is not None:
         lm._precision_ce = _Attached(loss, lm.forward, head, softcap)
@@ -346,8 +346,6 @@ def _probe(lm: PreTrainedModel, loss: CausalLMLoss) -> _Probe:
 
 def _fused_blocker(lm: PreTrainedModel, probe: _Probe, loss: CausalLMLoss) -> str | None:
     """Why the fused loss would not equal the model's own for ``lm``, or None (and set probe.softcap)."""
-    if not hasattr(precision_ce, "linear_cross_entropy"):
-        return "this precision_ce has no linear_cross_entropy"
     head = probe.head
     if type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear):
         return f"the output layer is a {type(head).__name__}, not a plain nn.Linear"
