@@ -246,6 +246,15 @@ def test_auto_class_and_reapply() -> None:
     torch.testing.assert_close(clone(**inputs).loss, model(**inputs).loss)
 
 
+def test_auto_class_from_pretrained(tmp_path) -> None:
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    model = hf.AutoPrecisionCEForCausalLM.from_pretrained(tmp_path, loss_config=PRESETS["precision"],
+                                                         loss_kwargs={"z_loss": 1e-4})
+    assert isinstance(model, transformers.GPT2LMHeadModel)
+    assert model.loss_function.config == PRESETS["precision"] and model.loss_function.loss_kwargs == {"z_loss": 1e-4}
+    assert getattr(model, "_precision_ce", None) is not None  # GPT-2's tied output layer fuses
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="unknown loss argument"):
         hf.causal_lm_loss(temperature=2.0)
