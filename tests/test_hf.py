@@ -294,6 +294,16 @@ def test_trainer_run_lowers_the_loss(name: str, tmp_path) -> None:
     assert 0.0 <= logs[-1]["precision_ce/target_in_top_k"] <= 1.0
 
 
+def test_trainer_bf16_mixed_precision(tmp_path) -> None:
+    """TrainingArguments(bf16=True): accelerate wraps the (fused) forward in autocast."""
+    model = hf.apply(tiny_model("llama").train(), PRESETS["precision"])
+    trainer = _trainer(model, tmp_path, bf16=True)
+    trainer.train()
+    assert model._precision_ce is not None
+    logs = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1] < 0.9 * logs[0], logs
+
+
 def test_callback_refuses_label_smoothing(tmp_path) -> None:
     model = hf.apply(tiny_model("llama"), fused=False)
     with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*label_smoothing="):
