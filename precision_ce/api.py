@@ -64,7 +64,9 @@ def _rescale_z_loss(
     valid = target != params.ignore_index
     lse = state.row_max + state.log_sum_exp
     extra = (z_scale.to(lse.dtype) - 1.0) * params.z_loss
-    x_y = logits.gather(1, torch.where(valid, target, 0)[:, None])[:, 0].to(lse.dtype)
+    # Clamped like the mean's weight gather: an unchecked out-of-range target's row is NaN, never an OOB read.
+    column = torch.where(valid, target, 0).clamp(0, logits.shape[1] - 1)
+    x_y = logits.gather(1, column[:, None])[:, 0].to(lse.dtype)
     pi_y = ((reference.apply_softcap(x_y, params.softcap) - state.row_max) - state.log_sum_exp).exp()
     z_grad = torch.where(valid, 2.0 * extra * lse, 0.0)
     loss = loss + torch.where(valid, extra * lse.square(), 0.0)
