@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 from helpers import random_logits, random_targets
 
 import precision_ce
-from precision_ce import bench, reference
+from precision_ce import reference
+from precision_ce.bench.memory import peak_extra_bytes
 from precision_ce.distributed import vocab_parallel_cross_entropy
 
 COLLECTIVES = (
@@ -278,11 +279,7 @@ def run_memory(rank: int, rows: int = 256, shard_vocab: int = 2048, chunk_elemen
 
             step()  # warm up (first-call allocations of gloo and the profiler)
             x.grad = None
-            from torch.profiler import ProfilerActivity, profile
-
-            with bench._quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                step()
-            peak = bench.cpu_peak_from_events(prof.profiler.kineto_results.events())
+            peak = peak_extra_bytes("cpu", step)
             ratios[mode] = peak / (x.numel() * x.element_size())
             x.grad = None
     finally:
