@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import ops, reference
 from .config import LossParams, RewardConfig
 from .reference import RowStats
 
@@ -25,50 +24,6 @@ EXACT_DTYPES = (torch.float32, torch.float64)
 _torch_cross_entropy = F.cross_entropy
 """torch's own function, captured at import: ``F.cross_entropy = precision_ce.cross_entropy``
 (how Liger-Kernel patches models) must not make us call ourselves."""
-
-
-class _GeneralisedCrossEntropy(torch.autograd.Function):
-    """Per-row loss of (rows, V) logits; the backend's backward recomputes the gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, z_scale, params, backend, with_stats):  # type: ignore[override]
-        loss, state, stats = backend.forward(logits, target, weight, params, with_stats)
-        if z_scale is not None:
-            loss, state = _rescale_z_loss(logits, target, params, loss, state, z_scale)
-        ctx.save_for_backward(logits, target, weight, *state)
-        ctx.params, ctx.backend = params, backend
-        if stats is None:
-            return loss
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *grad_stats):  # type: ignore[override]
-        logits, target, weight, *state = ctx.saved_tensors
-        state = ctx.backend.RowState(*state)
-        grad = ctx.backend.backward(logits, target, weight, ctx.params, state, grad_loss)
-        return grad, None, None, None, None, None, None
-
-
-def _rescale_z_loss(
-    logits: torch.Tensor, target: torch.Tensor, params: LossParams, loss: torch.Tensor, state: Any,
-    z_scale: torch.Tensor,
-) -> tuple[torch.Tensor, Any]:
-    """Multiply each row's z-loss term zeta lse**2, and its gradient 2 zeta lse pi, by ``z_scale``.
-
-    The class-weighted mean divides the row losses by sum_r c_{y_r}, but the z-loss is a plain mean
-    over positions (spec section 3): with z_scale = sum_r c_{y_r} / #rows it is. Only per-row
-    numbers change: the loss, ``coef`` (holds 2 zeta lse for every pi_j) and ``grad_target``
-    (holds pi_y 2 zeta lse), so both backends' backward passes stay as they are.
-    """
-    valid = target != params.ignore_index
-    lse = state.row_max + state.log_sum_exp
-    extra = (z_scale.to(lse.dtype) - 1.0) * params.z_loss
-    x_y = logits.gather(1, torch.where(valid, target, 0)[:, None])[:, 0].to(lse.dtype)
-    pi_y = ((reference.apply_softcap(x_y, params.softcap) - state.row_max) - state.log_sum_exp).exp()
-    z_grad = torch.where(valid, 2.0 * extra * lse, 0.0)
-    loss = loss + torch.where(valid, extra * lse.square(), 0.0)
-    return loss, state._replace(coef=state.coef + z_grad, grad_target=state.grad_target + pi_y * z_grad)
 
 
 def _reward_config(config: RewardConfig | None, **fields: Any) -> RewardConfig:
@@ -158,41 +113,40 @@ def _describe(value: object) -> str:
 
 
 def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bad.any():
-        value = target[bad][0].item()
-        raise ValueError(
-            f"target holds class index {value}, outside [0, {classes}); use class indices in "
-            f"range or ignore_index={ignore_index} for positions without a target"
-        )
+    """Targets outside [0, classes) that are not ``ignore_index``: a ValueError in eager code.
+
+    Under torch.compile a Python branch on tensor data would break the graph, so the check is an
+    in-graph ``torch._assert_async`` there (a RuntimeError when the compiled code runs; on CUDA an
+    asynchronous device assert). Meta and fake tensors hold no values to check.
+    """
+    if torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+        torch._assert_async(~bad.any(), "precision_ce: target holds a class index outside [0, C) "
+                            "that is not ignore_index")
+    elif target.device.type != "meta":
+        ops.check_target_range(target, classes, ignore_index)
 
 
-def _backend(name: str, logits: torch.Tensor) -> ModuleType:
+def _backend(name: str, logits: torch.Tensor) -> str:
+    """The backend that runs: "torch" or "triton" (the key of ``ops.FORWARD_OPS``)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
-        return reference
-    kernel_ready = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return "torch"
+    triton_ready = "triton" in ops.FORWARD_OPS
     if name == "auto":
-        if not (logits.is_cuda and logits.dtype in KERNEL_DTYPES):
-            return reference
-        try:
-            from . import triton_backend
-        except ImportError:
-            return reference
-        return triton_backend
+        return "triton" if logits.is_cuda and logits.dtype in KERNEL_DTYPES and triton_ready else "torch"
     if logits.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
-    if not kernel_ready:
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-            "imported to run the kernels on the CPU under the Triton interpreter"
-        )
-    try:
-        from . import triton_backend
-    except ImportError as error:
-        raise RuntimeError(f"backend='triton' needs the triton package: {error}") from error
-    return triton_backend
+    if not triton_ready:
+        raise RuntimeError("backend='triton' needs the triton package; pip install triton")
+    if not logits.is_cuda:
+        if torch.compiler.is_compiling() or os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors; on the CPU the kernels run only eagerly, under "
+                "the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
+    return "triton"
 
 
 def _probability_targets(
@@ -286,12 +240,12 @@ def cross_entropy(
     rows_target = rows_target.long()
     chosen = _backend(backend, logits)
     # Only the kernel is safe with unchecked targets (it writes NaN rows); elsewhere check.
-    if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
+    if check_targets or (check_targets is None and (not input.is_cuda or chosen == "torch")):
         _check_target_range(target, classes, ignore_index)
 
     # torch's own loss where it is exact: fp32/fp64 at the plain setting. 16-bit logits take our
     # path, which computes in fp32 (torch's CPU kernels round the target's gradient to 16 bits).
-    if (chosen is reference and params.is_plain_cross_entropy and not return_stats
+    if (chosen == "torch" and params.is_plain_cross_entropy and not return_stats
             and input.dtype in EXACT_DTYPES):
         return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
                                     reduction=reduction, label_smoothing=label_smoothing)
@@ -307,8 +261,7 @@ def cross_entropy(
             denominator = torch.where(valid, class_weight, 0).sum()
             if params.has_z_loss:  # the z-loss is a plain mean over positions (spec section 3)
                 z_scale = denominator / valid.sum()
-    outputs = _GeneralisedCrossEntropy.apply(logits, rows_target, weight, z_scale, params, chosen, return_stats)
-    rows_loss, stats = (outputs[0], RowStats(*outputs[1:])) if return_stats else (outputs, None)
+    rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, return_stats)
 
     if reduction == "none":
         loss = rows_loss.reshape(target.shape)
