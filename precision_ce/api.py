@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import ops, reference
-from .config import LossParams, RewardConfig
+from .config import LossParams, RewardConfig, is_finite
 from .reference import RowStats
 
 Backend = Literal["auto", "torch", "triton"]
@@ -49,9 +49,9 @@ def _loss_params(
 ) -> LossParams:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+    if not (is_finite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+    if softcap is not None and not (is_finite(softcap) and softcap > 0.0):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
@@ -103,7 +103,9 @@ def _check_tensors(input: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 def result_dtype(input: torch.Tensor) -> torch.dtype:
     """The loss's dtype: the logits', or float32 for 16-bit logits under autocast, as
     ``F.cross_entropy`` (an autocast-to-fp32 op) returns there. Computed in fp32 either way."""
-    if input.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(input.device.type):
+    device = input.device.type
+    if (input.dtype in (torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)):
         return torch.float32
     return input.dtype
 
@@ -117,23 +119,25 @@ def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -
 
     Under torch.compile a Python branch on tensor data would break the graph, so the check is an
     in-graph ``torch._assert_async`` there (a RuntimeError when the compiled code runs; on CUDA an
-    asynchronous device assert). Meta and fake tensors hold no values to check.
+    asynchronous device assert). Meta and fake tensors hold no values to check; under torch.func transforms
+    the torch backend's op checks each batch entry itself.
     """
     if torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         torch._assert_async(~bad.any(), "precision_ce: target holds a class index outside [0, C) "
                             "that is not ignore_index")
-    elif target.device.type != "meta":
+    elif not (target.device.type == "meta" or is_fake(target)
+              or torch._C._functorch.is_functorch_wrapped_tensor(target)):
         ops.check_target_range(target, classes, ignore_index)
 
 
 def _backend(name: str, logits: torch.Tensor) -> str:
-    """The backend that runs: "torch" or "triton" (the key of ``ops.FORWARD_OPS``)."""
+    """The backend that runs: "torch" or "triton" (the key of ``ops.FORWARD``)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
         return "torch"
-    triton_ready = "triton" in ops.FORWARD_OPS
+    triton_ready = "triton" in ops.FORWARD
     if name == "auto":
         return "triton" if logits.is_cuda and logits.dtype in KERNEL_DTYPES and triton_ready else "torch"
     if logits.dtype not in KERNEL_DTYPES:

@@ -23,12 +23,13 @@ number. ``vmap`` runs the ops once per batch entry (``register_vmap``).
 Op schemas take scalars, not dataclasses: ``LossParams`` is flattened by ``params_args`` and
 rebuilt by ``params_from``. A new op over the same loss (e.g. a fused linear + loss) registers
 the same way: a forward op returning (loss, *RowState, *RowStats), a backward op, and
-``register_loss_autograd(forward_op, backward_op, inputs=...)`` naming which of its inputs
-the backward differentiates.
+``register_loss_autograd(forward_op, backward_op, passed=...)``, which returns the
+differentiable forward (see its docstring for the argument order it expects).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -91,9 +92,11 @@ def rescale_z_loss(
     return loss, state._replace(coef=state.coef + z_grad, grad_target=state.grad_target + pi_y * z_grad)
 
 
-def _run_forward(backend: Any, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                 z_scale: torch.Tensor | None, params: LossParams, with_stats: bool) -> tuple[torch.Tensor, ...]:
-    loss, state, stats = backend.forward(logits, target, weight, params, with_stats)
+def _run_forward(
+    backend_forward: Callable[..., Any], logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+    z_scale: torch.Tensor | None, params: LossParams, with_stats: bool,
+) -> tuple[torch.Tensor, ...]:
+    loss, state, stats = backend_forward(logits, target, weight, params, with_stats)
     if z_scale is not None:
         loss, state = rescale_z_loss(logits, target, params, loss, state, z_scale)
     if stats is None:  # a fixed output count; empty stats cost nothing
@@ -119,23 +122,39 @@ def check_target_range(target: torch.Tensor, classes: int, ignore_index: int) ->
         )
 
 
-@custom_op("precision_ce::torch_forward", mutates_args=())
-def torch_forward(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
-    beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
-) -> LossOutputs:
-    """Per-row loss, RowState and RowStats of the torch backend (``reference.forward``)."""
-    params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
-                         z_loss, softcap)
-    # The op runs eagerly even inside a compiled graph, so the clear error holds there too.
-    check_target_range(target, logits.shape[1], ignore_index)
-    return _run_forward(reference, logits, target, weight, z_scale, params, with_stats)
+def _torch_ops(name: str, fused: bool) -> tuple[Any, Any]:
+    """The torch backend's op pair; ``fused`` runs each row chunk through Inductor."""
+
+    @custom_op(f"precision_ce::{name}_forward", mutates_args=())
+    def forward(
+        logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
+        beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    ) -> LossOutputs:
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        # The op runs eagerly even inside a compiled graph, so the clear error holds there too.
+        check_target_range(target, logits.shape[1], ignore_index)
+        run = functools.partial(reference.forward, fused=fused)
+        return _run_forward(run, logits, target, weight, z_scale, params, with_stats)
+
+    @custom_op(f"precision_ce::{name}_backward", mutates_args=())
+    def backward(
+        grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+        state: list[torch.Tensor], beta: float, k: int, lambda_head: float, lambda_tail: float,
+        positive_reward: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+    ) -> torch.Tensor:
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        return reference.backward(logits, target, weight, params, reference.RowState(*state), grad_rows, fused)
+
+    forward.register_fake(_torch_forward_fake)
+    backward.register_fake(_torch_backward_fake)
+    return forward, backward
 
 
-@torch_forward.register_fake
-def _(logits, target, weight, z_scale, beta, k, lambda_head, lambda_tail, positive_reward, ignore_index,
-      label_smoothing, z_loss, softcap, with_stats):
+def _torch_forward_fake(logits, target, weight, z_scale, beta, k, lambda_head, lambda_tail, positive_reward,
+                        ignore_index, label_smoothing, z_loss, softcap, with_stats):
     rows = logits.shape[0]
     compute = reference.compute_dtype(logits.dtype)
     row = lambda dtype: logits.new_empty(rows, dtype=dtype)  # noqa: E731
@@ -144,21 +163,14 @@ def _(logits, target, weight, z_scale, beta, k, lambda_head, lambda_tail, positi
     return (row(compute), *state, *stats)
 
 
-@custom_op("precision_ce::torch_backward", mutates_args=())
-def torch_backward(
-    grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-    state: list[torch.Tensor], beta: float, k: int, lambda_head: float, lambda_tail: float,
-    positive_reward: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
-) -> torch.Tensor:
-    """d(sum_r grad_rows[r] loss[r]) / d logits of the torch backend (``reference.backward``)."""
-    params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
-                         z_loss, softcap)
-    return reference.backward(logits, target, weight, params, reference.RowState(*state), grad_rows)
-
-
-@torch_backward.register_fake
-def _(grad_rows, logits, target, weight, state, *params):
+def _torch_backward_fake(grad_rows, logits, target, weight, state, *params):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+torch_forward, torch_backward = _torch_ops("torch", fused=False)
+"""The torch backend (``reference.forward`` / ``reference.backward``) run eagerly: opaque to Dynamo."""
+torch_fused_forward, torch_fused_backward = _torch_ops("torch_fused", fused=True)
+"""The same with each row chunk compiled by Inductor: what a torch.compile'd graph calls."""
 
 
 # --- Triton backend: ops whose kernels Inductor sees ------------------------------------------
@@ -175,7 +187,7 @@ if triton_backend is not None:
         is not ignore_index gives its row a NaN loss and gradient (no host check here)."""
         params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
                              z_loss, softcap)
-        return _run_forward(triton_backend, logits, target, weight, z_scale, params, with_stats)
+        return _run_forward(triton_backend.forward, logits, target, weight, z_scale, params, with_stats)
 
     @triton_op("precision_ce::triton_backward", mutates_args=())
     def triton_backward(
@@ -192,40 +204,74 @@ if triton_backend is not None:
 # --- autograd and vmap, shared by every (forward, backward) pair ------------------------------
 
 
-def register_loss_autograd(forward_op: Any, backward_op: Any, passed: tuple[str, ...]) -> None:
-    """Autograd of a loss op pair whose forward returns (loss, *RowState, *RowStats).
+def register_loss_autograd(forward_op: Any, backward_op: Any, passed: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """Autograd and vmap of a loss op pair whose forward returns (loss, *RowState, *RowStats).
 
-    ``passed`` names the forward op's leading tensor inputs that the backward op takes after
-    ``grad_rows``: the first is the one differentiated (logits), the rest are passed through.
-    Every later input is either one of the loss parameters (in ``params_args`` order) or, first,
-    the optional ``z_scale``; ``with_stats`` comes last.
+    The forward op's first ``passed`` inputs are tensors that the backward op takes, in order,
+    after ``grad_rows``; the first of them (the logits) is the one differentiated. The forward op's
+    last inputs are the ``params_args`` scalars and ``with_stats``, which the backward op takes
+    after the state (without ``with_stats``).
+
+    Returns the function to call: the forward op, or under torch.func transforms the same formula
+    as an ``autograd.Function`` (custom ops' own autograd does not compose with functorch in
+    torch 2.13; a Function with ``setup_context`` does).
     """
 
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-        ctx.save_for_backward(*inputs[:len(passed)], *output[1:1 + STATE_FIELDS])
-        ctx.tensor_inputs = len(passed)
+    def save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        ctx.save_for_backward(*inputs[:passed], *output[1:1 + STATE_FIELDS])
         ctx.params = inputs[-1 - PARAMS_COUNT:-1]
-        ctx.total_inputs = len(inputs)
+        ctx.input_count = len(inputs)
         ctx.mark_non_differentiable(*output[1:])
 
-    def backward(ctx: Any, grad_loss: torch.Tensor, *grad_rest: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def differentiate(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
-        tensors, state = saved[:ctx.tensor_inputs], list(saved[ctx.tensor_inputs:])
-        grad = backward_op(grad_loss, *tensors, state, *ctx.params)
-        return (grad, *(None for _ in range(ctx.total_inputs - 1)))
+        grad = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
+        return (grad, *(None for _ in range(ctx.input_count - 1)))
 
-    register_autograd(forward_op, backward, setup_context=setup_context)
-
-    def no_double_backward(ctx: Any, grad: torch.Tensor) -> None:
+    def no_double_backward(ctx: Any, *grads: torch.Tensor) -> None:
         raise DoubleBackwardError(
-            f"{backward_op._qualname}: a second derivative (double backward, create_graph=True followed "
-            "by another backward, or nested torch.func.grad) is not implemented; the loss treats its "
-            "weights as constants and provides first derivatives only"
+            f"{backward_op._qualname}: a second derivative (a backward through a gradient taken with "
+            "create_graph=True, or nested torch.func.grad) is not implemented; the loss's weights are "
+            "stop-gradient constants and it provides first derivatives only"
         )
 
+    register_autograd(forward_op, differentiate, setup_context=save)
     register_autograd(backward_op, no_double_backward)
     _register_loop_vmap(forward_op)
     _register_loop_vmap(backward_op)
+    forward_function = _functorch_function(forward_op, save, differentiate)
+    backward_function = _functorch_function(backward_op, lambda ctx, inputs, output: None, no_double_backward)
+
+    def call_backward(*args: Any) -> torch.Tensor:
+        return _call(backward_op, backward_function, args)
+
+    return lambda *args: _call(forward_op, forward_function, args)
+
+
+def _functorch_function(op: Any, save: Callable[..., None], differentiate: Callable[..., Any]) -> type:
+    """``op`` with the given autograd formula as an ``autograd.Function`` (for torch.func)."""
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True  # through the op's own vmap rule
+
+        @staticmethod
+        def forward(*args: Any) -> Any:  # type: ignore[override]
+            return op(*args)
+
+        setup_context = staticmethod(save)  # type: ignore[assignment]
+        backward = staticmethod(differentiate)  # type: ignore[assignment]
+
+    Function.__name__ = Function.__qualname__ = f"{op._name}_function"
+    return Function
+
+
+def _call(op: Any, function: type, args: tuple[Any, ...]) -> Any:
+    """The op, or its ``autograd.Function`` twin when a torch.func transform wraps an argument."""
+    if not torch.compiler.is_compiling() and any(
+        isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args
+    ):
+        return function.apply(*args)
+    return op(*args)
 
 
 def _register_loop_vmap(op: Any) -> None:
@@ -250,13 +296,13 @@ def _register_loop_vmap(op: Any) -> None:
     register_vmap(op, vmap_rule)
 
 
-register_loss_autograd(torch_forward, torch_backward, passed=("logits", "target", "weight"))
+FORWARD: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    "torch": register_loss_autograd(torch_forward, torch_backward, passed=3),
+    "torch_fused": register_loss_autograd(torch_fused_forward, torch_fused_backward, passed=3),
+}
+"""Per backend, the differentiable forward: (logits, target, weight, z_scale, *params_args, with_stats)."""
 if triton_backend is not None:
-    register_loss_autograd(triton_forward, triton_backward, passed=("logits", "target", "weight"))
-
-FORWARD_OPS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {"torch": torch_forward}
-if triton_backend is not None:
-    FORWARD_OPS["triton"] = triton_forward
+    FORWARD["triton"] = register_loss_autograd(triton_forward, triton_backward, passed=3)
 
 
 def loss_rows(
@@ -268,6 +314,8 @@ def loss_rows(
     logits (rows, V); target (rows,) int64; weight (V,) or None; z_scale a 0-d tensor or None.
     Differentiable in ``logits``.
     """
-    outputs = FORWARD_OPS[backend](logits, target, weight, z_scale, *params_args(params), with_stats)
+    if backend == "torch" and torch.compiler.is_compiling():
+        backend = "torch_fused"  # fused chunks, compiled once, instead of eager ones in compiled code
+    outputs = FORWARD[backend](logits, target, weight, z_scale, *params_args(params), with_stats)
     stats = RowStats(*outputs[1 + STATE_FIELDS:]) if with_stats else None
     return outputs[0], stats

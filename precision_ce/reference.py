@@ -17,6 +17,7 @@ the same contract.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -141,8 +142,13 @@ def head_of(
     last_tie = torch.full_like(ties_wanted, vocab - 1)
     if k < vocab:
         crowded = top[:, k] == threshold  # some logits equal to the threshold stay outside K
-        if crowded.any():
-            # The ties_wanted-th tie's index: the positions whose running tie count is below it.
+        # The ties_wanted-th tie's index: the positions whose running tie count is below it.
+        # Eagerly only for the (rare) crowded rows; compiled code cannot branch on data, so
+        # there every row counts and the uncrowded ones keep V - 1.
+        if torch.compiler.is_compiling():
+            running = (x == threshold[:, None]).cumsum(-1)
+            last_tie = torch.where(crowded, (running < ties_wanted[:, None]).sum(-1), last_tie)
+        elif crowded.any():
             running = (x[crowded] == threshold[crowded, None]).cumsum(-1)
             last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
     x_y = x.gather(1, y)[:, 0]
@@ -160,9 +166,11 @@ def head_of(
 def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
     """Membership of K (rows, V) from the threshold and last tie index (see ``Head``)."""
     head = x >= threshold[:, None]
+    index = torch.arange(x.shape[-1], device=x.device)
+    if torch.compiler.is_compiling():  # no branch on data; fused, the extra terms cost little
+        return head & ((x > threshold[:, None]) | (index <= last_tie[:, None]))
     cut = last_tie < x.shape[-1] - 1
     if cut.any():
-        index = torch.arange(x.shape[-1], device=x.device)
         head[cut] &= (x[cut] > threshold[cut, None]) | (index <= last_tie[cut, None])
     return head
 
@@ -191,104 +199,122 @@ def forward(
     weight: torch.Tensor | None,
     params: LossParams,
     with_stats: bool,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, RowState, RowStats | None]:
     """Loss per row and the state the backward pass needs.
 
     logits: (rows, V) float; target: (rows,) int64 with ignore_index for ignored rows;
     weight: (V,) class weights or None. Returns (loss (rows,) in the compute dtype, state, stats).
+    ``fused``: run each chunk through Inductor (``fused_rows``) instead of eagerly.
     """
     rows, vocab = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    class_weight = None if weight is None else weight.to(cdt)
+    class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
+    loss = torch.empty(rows, dtype=cdt, device=logits.device)
+    state = RowState(*(torch.empty(rows, dtype=cdt, device=logits.device) for _ in range(7)),
+                     torch.zeros(rows, dtype=torch.long, device=logits.device))
+    stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
+    rows_fn = fused_rows(forward_rows) if fused else forward_rows
+    for chunk in _row_chunks(rows, vocab):
+        chunk_loss, chunk_state, chunk_stats = rows_fn(
+            logits[chunk], target[chunk], class_weight, class_weight_sum, params, with_stats
+        )
+        loss[chunk] = chunk_loss
+        for field, value in zip(state, chunk_state, strict=True):
+            field[chunk] = value
+        if with_stats:
+            for field, value in zip(stats, chunk_stats, strict=True):
+                field[chunk] = value
+    return loss, state, (stats if with_stats else None)
+
+
+def forward_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    class_weight_sum: torch.Tensor | float,
+    params: LossParams,
+    with_stats: bool,
+) -> tuple[torch.Tensor, RowState, RowStats | None]:
+    """``forward`` for one chunk of rows: x (rows, V) raw logits, target (rows,), class_weight (V,)
+    in the compute dtype or None and its sum. Returns the chunk's loss, state and stats."""
+    vocab = x.shape[1]
     reward = params.reward
     eps = params.label_smoothing
-    cdt = compute_dtype(logits.dtype)
+    cdt = compute_dtype(x.dtype)
     needs_rank = reward.needs_rank(vocab)
     uniform_lambda = reward.uniform_lambda(vocab)
     has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
-    class_weight = None if weight is None else weight.to(cdt)
-    class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
+    x = x.to(cdt)
+    valid = target != params.ignore_index
+    valid_c = valid.to(cdt)
+    y = torch.where(valid, target, 0)[:, None]
+    z = apply_softcap(x, params.softcap)
 
-    loss = torch.empty(rows, dtype=cdt, device=logits.device)
-    state = RowState(*(torch.zeros(rows, dtype=cdt, device=logits.device) for _ in range(7)),
-                     torch.zeros(rows, dtype=torch.long, device=logits.device))
-    stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
+    # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
+    # logits in the thousands (z - lse would lose ulp(lse) to rounding).
+    row_max = z.amax(dim=-1)
+    z_shifted = z - row_max[:, None]
+    log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
+    lse = row_max + log_sum_exp
+    log_p = z_shifted - log_sum_exp[:, None]
+    p = log_p.exp()
+    log_pi_y = log_p.gather(1, y)[:, 0]
+    # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
+    log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
+    w_y, w_y_times_1m, target_term = target_weight(
+        log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
+    )
 
-    for chunk in _row_chunks(rows, vocab):
-        x = logits[chunk].to(cdt)
-        valid = target[chunk] != params.ignore_index
-        valid_c = valid.to(cdt)
-        y = torch.where(valid, target[chunk], 0)[:, None]
-        z = apply_softcap(x, params.softcap)
+    pi_y = log_pi_y.exp()
+    one_minus_pi_y = log1m_pi_y.exp()
+    if has_negatives or with_stats:
+        plogp = _xlogy_safe(p, log_p).sum(-1)  # sum_a pi_a log pi_a
+        plogp_others = plogp - _xlogy_safe(pi_y, log_pi_y)
+    zeros_long = torch.zeros_like(target)
+    threshold, last_tie = torch.zeros_like(row_max), zeros_long
+    if needs_rank or with_stats:
+        head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
+        threshold, last_tie = head.threshold, head.last_tie
 
-        # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
-        # logits in the thousands (z - lse would lose ulp(lse) to rounding).
-        row_max = z.amax(dim=-1)
-        z_shifted = z - row_max[:, None]
-        log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
-        lse = row_max + log_sum_exp
-        log_p = z_shifted - log_sum_exp[:, None]
-        p = log_p.exp()
-        log_pi_y = log_p.gather(1, y)[:, 0]
-        # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
-        log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
-        w_y, w_y_times_1m, target_term = target_weight(
-            log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
-        )
+    # Shaped negatives w_a = lambda_a pi_a (a != y): only their sums, over the wrong tokens
+    # in K and over all wrong tokens, enter the loss and W.
+    if not has_negatives:
+        negative_mass, negative_loss = 0.0, 0.0
+    elif needs_rank:
+        lambda_head, lambda_tail = reward.lambda_head, reward.lambda_tail
+        negative_mass = lambda_tail * one_minus_pi_y + (lambda_head - lambda_tail) * head.mass_others
+        negative_loss = -(lambda_tail * plogp_others + (lambda_head - lambda_tail) * head.plogp_others)
+    else:
+        negative_mass = uniform_lambda * one_minus_pi_y
+        negative_loss = -uniform_lambda * plogp_others
 
-        pi_y = log_pi_y.exp()
-        one_minus_pi_y = log1m_pi_y.exp()
-        if has_negatives or with_stats:
-            plogp = _xlogy_safe(p, log_p).sum(-1)  # sum_a pi_a log pi_a
-            plogp_others = plogp - _xlogy_safe(pi_y, log_pi_y)
-        if needs_rank or with_stats:
-            head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
-            state.threshold[chunk] = head.threshold
-            state.last_tie[chunk] = head.last_tie
+    c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
+    scale = c_y * (1.0 - eps) * valid_c
+    smooth = eps / vocab * valid_c
+    row_loss = scale * (target_term + negative_loss)
+    w_rest = scale * negative_mass  # W without the target's own weight
+    if params.has_smoothing:
+        c_log_p = log_p if class_weight is None else class_weight * log_p
+        row_loss = row_loss - smooth * c_log_p.sum(-1)
+        w_rest = w_rest + smooth * (class_weight_sum - c_y)
+    if params.has_z_loss:
+        z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
+        row_loss = row_loss + params.z_loss * lse.square()
+    else:
+        z_loss_grad = 0.0
 
-        # Shaped negatives w_a = lambda_a pi_a (a != y): only their sums, over the wrong tokens
-        # in K and over all wrong tokens, enter the loss and W.
-        if not has_negatives:
-            negative_mass, negative_loss = 0.0, 0.0
-        elif needs_rank:
-            lambda_head, lambda_tail = reward.lambda_head, reward.lambda_tail
-            negative_mass = lambda_tail * one_minus_pi_y + (lambda_head - lambda_tail) * head.mass_others
-            negative_loss = -(lambda_tail * plogp_others + (lambda_head - lambda_tail) * head.plogp_others)
-        else:
-            negative_mass = uniform_lambda * one_minus_pi_y
-            negative_loss = -uniform_lambda * plogp_others
-
-        c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
-        scale = c_y * (1.0 - eps) * valid_c
-        smooth = eps / vocab * valid_c
-        row_loss = scale * (target_term + negative_loss)
-        w_rest = scale * negative_mass  # W without the target's own weight
-        if params.has_smoothing:
-            c_log_p = log_p if class_weight is None else class_weight * log_p
-            row_loss = row_loss - smooth * c_log_p.sum(-1)
-            w_rest = w_rest + smooth * (class_weight_sum - c_y)
-        if params.has_z_loss:
-            z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
-            row_loss = row_loss + params.z_loss * lse.square()
-        else:
-            z_loss_grad = 0.0
-
-        w_y_final = scale * w_y + smooth * c_y
-        loss[chunk] = torch.where(valid, row_loss, 0.0)
-        state.row_max[chunk] = row_max
-        state.log_sum_exp[chunk] = log_sum_exp
-        state.coef[chunk] = w_rest + w_y_final + z_loss_grad
-        state.scale[chunk] = scale
-        state.smooth[chunk] = smooth
-        # pi_y W - w_y = pi_y W_rest - (1 - pi_y) w_y: no cancellation when pi_y -> 1.
-        state.grad_target[chunk] = (
-            pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y
-        )
-
-        if with_stats:
-            stats.entropy[chunk] = -plogp.float()
-            stats.lse[chunk] = lse.float()
-            stats.target_rank[chunk] = torch.where(valid, target_rank(x, y[:, 0]), 0).float()
-            stats.topk_mass[chunk] = head.mass.float()
-    return loss, state, (stats if with_stats else None)
+    w_y_final = scale * w_y + smooth * c_y
+    # pi_y W - w_y = pi_y W_rest - (1 - pi_y) w_y: no cancellation when pi_y -> 1.
+    grad_target = pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y
+    state = RowState(row_max, log_sum_exp, w_rest + w_y_final + z_loss_grad, scale, smooth, grad_target,
+                     threshold, last_tie)
+    stats = None
+    if with_stats:
+        stats = RowStats(-plogp.float(), lse.float(), torch.where(valid, target_rank(x, y[:, 0]), 0).float(),
+                         head.mass.float())
+    return torch.where(valid, row_loss, 0.0), state, stats
 
 
 def backward(
@@ -298,31 +324,57 @@ def backward(
     params: LossParams,
     state: RowState,
     grad_rows: torch.Tensor,
+    fused: bool = False,
 ) -> torch.Tensor:
     """d(sum_r grad_rows[r] * loss[r]) / d logits, shaped and typed like ``logits``."""
     rows, vocab = logits.shape
-    reward = params.reward
-    cdt = compute_dtype(logits.dtype)
-    needs_rank = reward.needs_rank(vocab)
-    class_weight = None if weight is None else weight.to(cdt)
+    class_weight = None if weight is None else weight.to(compute_dtype(logits.dtype))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    rows_fn = fused_rows(backward_rows) if fused else backward_rows
     for chunk in _row_chunks(rows, vocab):
-        x = logits[chunk].to(cdt)
-        s = state._replace(**{f: getattr(state, f)[chunk][:, None] for f in RowState._fields})
-        valid = target[chunk] != params.ignore_index
-        y = torch.where(valid, target[chunk], 0)[:, None]
-        p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
-        if needs_rank:
-            head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
-            coef = torch.where(head, s.coef - s.scale * reward.lambda_head, s.coef - s.scale * reward.lambda_tail)
-        else:
-            coef = s.coef - s.scale * reward.uniform_lambda(vocab)
-        g = p * coef
-        if params.has_smoothing:
-            g = g - s.smooth * (1.0 if class_weight is None else class_weight)
-        g = g.scatter(1, y, s.grad_target) * grad_rows[chunk, None].to(cdt)
-        g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
-        if params.has_softcap:
-            g = g * softcap_derivative(x, params.softcap)
-        grad[chunk] = g
+        chunk_state = RowState(*(field[chunk] for field in state))
+        grad[chunk] = rows_fn(logits[chunk], target[chunk], class_weight, params, chunk_state, grad_rows[chunk])
     return grad
+
+
+def backward_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    params: LossParams,
+    state: RowState,
+    grad_rows: torch.Tensor,
+) -> torch.Tensor:
+    """``backward`` for one chunk of rows; returns the chunk's gradient in x's dtype."""
+    vocab = x.shape[1]
+    reward = params.reward
+    x_raw, x = x, x.to(compute_dtype(x.dtype))
+    s = state._replace(**{f: getattr(state, f)[:, None] for f in RowState._fields})
+    valid = target != params.ignore_index
+    y = torch.where(valid, target, 0)[:, None]
+    p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
+    if reward.needs_rank(vocab):
+        head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
+        coef = torch.where(head, s.coef - s.scale * reward.lambda_head, s.coef - s.scale * reward.lambda_tail)
+    else:
+        coef = s.coef - s.scale * reward.uniform_lambda(vocab)
+    g = p * coef
+    if params.has_smoothing:
+        g = g - s.smooth * (1.0 if class_weight is None else class_weight)
+    g = g.scatter(1, y, s.grad_target) * grad_rows[:, None].to(x.dtype)
+    g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
+    if params.has_softcap:
+        g = g * softcap_derivative(x, params.softcap)
+    return g.to(x_raw.dtype)
+
+
+@functools.cache
+def fused_rows(rows_fn):  # type: ignore[no-untyped-def]
+    """``rows_fn`` (``forward_rows`` or ``backward_rows``) compiled by Inductor, once per process.
+
+    What the torch backend runs inside a torch.compile'd graph (``precision_ce.ops``): Dynamo
+    compiles one chunk's arithmetic, with the number of rows symbolic (so the last, shorter chunk
+    reuses it), instead of unrolling the chunk loop; Inductor fuses the elementwise work and the
+    reductions into a few passes over each chunk. Recompiles only when ``params`` change.
+    """
+    return torch.compile(rows_fn, dynamic=True, fullgraph=True)
