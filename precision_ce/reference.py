@@ -40,6 +40,11 @@ w_y (1 - pi_y) and -w_y log pi_y, formed from the uncapped log weight; both stay
 CHUNK_ELEMENTS = 1 << 21
 """Rows are processed in chunks of about this many logits (8 MiB per fp32 temporary)."""
 
+FUSED_CHUNK_ELEMENTS = 1 << 25
+"""The chunk size when Inductor fuses each chunk (``fused_rows``): fused code keeps few temporaries
+of a chunk's size (the widest, the tie count of head rows, is int64: 256 MiB), and every call of
+compiled code pays a fixed cost per kernel, so chunks are 16x larger."""
+
 
 class RowState(NamedTuple):
     """Per-row numbers saved by the forward pass for the backward pass, all shaped (rows,).
@@ -183,8 +188,8 @@ def target_rank(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 + before.sum(-1)
 
 
-def _row_chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _row_chunks(rows: int, vocab: int, fused: bool = False) -> list[slice]:
+    step = max(1, (FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS) // max(vocab, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -216,7 +221,7 @@ def forward(
                      torch.zeros(rows, dtype=torch.long, device=logits.device))
     stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
     rows_fn = fused_rows(forward_rows) if fused else forward_rows
-    for chunk in _row_chunks(rows, vocab):
+    for chunk in _row_chunks(rows, vocab, fused):
         chunk_loss, chunk_state, chunk_stats = rows_fn(
             logits[chunk], target[chunk], class_weight, class_weight_sum, params, with_stats
         )
@@ -253,16 +258,18 @@ def forward_rows(
     z = apply_softcap(x, params.softcap)
 
     # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
-    # logits in the thousands (z - lse would lose ulp(lse) to rounding).
+    # logits in the thousands (z - lse would lose ulp(lse) to rounding). Every sum over the row
+    # below reads only z - m and e^(z-m): two passes over the chunk once fused (max, then sums).
     row_max = z.amax(dim=-1)
     z_shifted = z - row_max[:, None]
-    log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
+    e = z_shifted.exp()
+    is_target = torch.arange(vocab, device=x.device) == y
+    sum_exp = e.sum(-1)
+    log_sum_exp = sum_exp.log()
     lse = row_max + log_sum_exp
-    log_p = z_shifted - log_sum_exp[:, None]
-    p = log_p.exp()
-    log_pi_y = log_p.gather(1, y)[:, 0]
+    log_pi_y = z_shifted.gather(1, y)[:, 0] - log_sum_exp
     # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
-    log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
+    log1m_pi_y = torch.where(is_target, 0.0, e).sum(-1).log() - log_sum_exp
     w_y, w_y_times_1m, target_term = target_weight(
         log_pi_y, log1m_pi_y, reward.beta, reward.positive_reward
     )
@@ -270,7 +277,8 @@ def forward_rows(
     pi_y = log_pi_y.exp()
     one_minus_pi_y = log1m_pi_y.exp()
     if has_negatives or with_stats:
-        plogp = _xlogy_safe(p, log_p).sum(-1)  # sum_a pi_a log pi_a
+        # sum_a pi_a log pi_a = sum_a e^(z_a-m) (z_a-m) / s - log s
+        plogp = _xlogy_safe(e, z_shifted).sum(-1) / sum_exp - log_sum_exp
         plogp_others = plogp - _xlogy_safe(pi_y, log_pi_y)
     zeros_long = torch.zeros_like(target)
     threshold, last_tie = torch.zeros_like(row_max), zeros_long
@@ -296,8 +304,9 @@ def forward_rows(
     row_loss = scale * (target_term + negative_loss)
     w_rest = scale * negative_mass  # W without the target's own weight
     if params.has_smoothing:
-        c_log_p = log_p if class_weight is None else class_weight * log_p
-        row_loss = row_loss - smooth * c_log_p.sum(-1)
+        # sum_a c_a log pi_a = sum_a c_a (z_a - m) - C log s
+        c_z = z_shifted if class_weight is None else _xlogy_safe(class_weight, z_shifted)
+        row_loss = row_loss - smooth * (c_z.sum(-1) - class_weight_sum * log_sum_exp)
         w_rest = w_rest + smooth * (class_weight_sum - c_y)
     if params.has_z_loss:
         z_loss_grad = torch.where(valid, 2.0 * params.z_loss * lse, 0.0)
@@ -331,9 +340,9 @@ def backward(
     class_weight = None if weight is None else weight.to(compute_dtype(logits.dtype))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     rows_fn = fused_rows(backward_rows) if fused else backward_rows
-    for chunk in _row_chunks(rows, vocab):
+    for chunk in _row_chunks(rows, vocab, fused):
         chunk_state = RowState(*(field[chunk] for field in state))
-        grad[chunk] = rows_fn(logits[chunk], target[chunk], class_weight, params, chunk_state, grad_rows[chunk])
+        rows_fn(logits[chunk], target[chunk], class_weight, params, chunk_state, grad_rows[chunk], grad[chunk])
     return grad
 
 
@@ -344,11 +353,13 @@ def backward_rows(
     params: LossParams,
     state: RowState,
     grad_rows: torch.Tensor,
-) -> torch.Tensor:
-    """``backward`` for one chunk of rows; returns the chunk's gradient in x's dtype."""
+    out: torch.Tensor,
+) -> None:
+    """``backward`` for one chunk of rows, written into ``out`` (the chunk's rows of the gradient;
+    fused, the one write of the gradient, not a temporary and a copy)."""
     vocab = x.shape[1]
     reward = params.reward
-    x_raw, x = x, x.to(compute_dtype(x.dtype))
+    x = x.to(compute_dtype(x.dtype))
     s = state._replace(**{f: getattr(state, f)[:, None] for f in RowState._fields})
     valid = target != params.ignore_index
     y = torch.where(valid, target, 0)[:, None]
@@ -361,11 +372,12 @@ def backward_rows(
     g = p * coef
     if params.has_smoothing:
         g = g - s.smooth * (1.0 if class_weight is None else class_weight)
-    g = g.scatter(1, y, s.grad_target) * grad_rows[:, None].to(x.dtype)
+    is_target = torch.arange(vocab, device=x.device) == y
+    g = torch.where(is_target, s.grad_target, g) * grad_rows[:, None].to(x.dtype)
     g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
     if params.has_softcap:
         g = g * softcap_derivative(x, params.softcap)
-    return g.to(x_raw.dtype)
+    out.copy_(g)
 
 
 @functools.cache
@@ -377,4 +389,13 @@ def fused_rows(rows_fn):  # type: ignore[no-untyped-def]
     reuses it), instead of unrolling the chunk loop; Inductor fuses the elementwise work and the
     reductions into a few passes over each chunk. Recompiles only when ``params`` change.
     """
-    return torch.compile(rows_fn, dynamic=True, fullgraph=True)
+    compiled = torch.compile(rows_fn, dynamic=True, fullgraph=True)
+
+    @functools.wraps(rows_fn)
+    def run(x: torch.Tensor, *args):  # type: ignore[no-untyped-def]
+        # The same dispatch keys and no autograd on every call, whichever path (autograd's
+        # forward, a compiled graph, opcheck) reached the op: else Dynamo guards recompile.
+        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+            return compiled(x.detach(), *args)
+
+    return run

@@ -14,7 +14,7 @@ import torch
 from helpers import random_logits, random_targets
 
 import precision_ce
-from precision_ce import PRESETS, RewardConfig, cross_entropy, ops
+from precision_ce import PRESETS, RewardConfig, cross_entropy, ops, reference
 
 ALL_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -79,7 +79,9 @@ QUICK_CASES = [
 ]
 
 
-def test_compiled_fullgraph_matches_eager() -> None:
+def test_compiled_fullgraph_matches_eager(monkeypatch) -> None:
+    # Chunks of a few rows, so that compiled code runs several fused chunks and a shorter last one.
+    monkeypatch.setattr(reference, "FUSED_CHUNK_ELEMENTS", 50)
     probabilities = torch.softmax(random_logits(5, 9, seed=5).float(), -1)
     probability_case = (random_logits(5, 9, seed=4).float(), probabilities,
                         {"z_loss": 1e-3, "softcap": 5.0, "label_smoothing": 0.1})
