@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from typing import NamedTuple
 
 import torch
@@ -41,9 +42,9 @@ CHUNK_ELEMENTS = 1 << 21
 """Rows are processed in chunks of about this many logits (8 MiB per fp32 temporary)."""
 
 FUSED_CHUNK_ELEMENTS = 1 << 25
-"""The chunk size when Inductor fuses each chunk (``fused_rows``): fused code keeps few temporaries
-of a chunk's size (the widest, the tie count of head rows, is int64: 256 MiB), and every call of
-compiled code pays a fixed cost per kernel, so chunks are 16x larger."""
+"""The chunk size when Inductor fuses each chunk (``fused_rows``): fused code keeps almost no
+temporaries of a chunk's size, and every call of compiled code pays a fixed cost per kernel, so
+chunks are 16x larger."""
 
 
 class RowState(NamedTuple):
@@ -119,6 +120,10 @@ def target_weight(
     return log_w.clamp(max=LOG_WEIGHT_MAX).exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
 
 
+CROWDED = -1
+"""``last_tie`` of a row whose ties at the threshold straddle K, as compiled code leaves it."""
+
+
 class Head(NamedTuple):
     """The top-k head K of each row and the sums over it, all shaped (rows,)."""
 
@@ -147,12 +152,11 @@ def head_of(
     last_tie = torch.full_like(ties_wanted, vocab - 1)
     if k < vocab:
         crowded = top[:, k] == threshold  # some logits equal to the threshold stay outside K
-        # The ties_wanted-th tie's index: the positions whose running tie count is below it.
-        # Eagerly only for the (rare) crowded rows; compiled code cannot branch on data, so
-        # there every row counts and the uncrowded ones keep V - 1.
+        # The ties_wanted-th tie's index: the positions whose running tie count is below it,
+        # for the (rare) crowded rows only. Compiled code cannot branch on data: it marks them
+        # CROWDED and ``forward`` recomputes those rows eagerly.
         if torch.compiler.is_compiling():
-            running = (x == threshold[:, None]).cumsum(-1)
-            last_tie = torch.where(crowded, (running < ties_wanted[:, None]).sum(-1), last_tie)
+            last_tie = torch.where(crowded, CROWDED, last_tie)
         elif crowded.any():
             running = (x[crowded] == threshold[crowded, None]).cumsum(-1)
             last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
@@ -220,18 +224,28 @@ def forward(
     state = RowState(*(torch.empty(rows, dtype=cdt, device=logits.device) for _ in range(7)),
                      torch.zeros(rows, dtype=torch.long, device=logits.device))
     stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
-    rows_fn = fused_rows(forward_rows) if fused else forward_rows
+    configuration = (params, logits.dtype, weight is None, with_stats)
+    rows_fn = fused_rows(forward_rows, *configuration) if fused else forward_rows
     for chunk in _row_chunks(rows, vocab, fused):
-        chunk_loss, chunk_state, chunk_stats = rows_fn(
-            logits[chunk], target[chunk], class_weight, class_weight_sum, params, with_stats
-        )
-        loss[chunk] = chunk_loss
-        for field, value in zip(state, chunk_state, strict=True):
-            field[chunk] = value
-        if with_stats:
-            for field, value in zip(stats, chunk_stats, strict=True):
-                field[chunk] = value
+        outputs = rows_fn(logits[chunk], target[chunk], class_weight, class_weight_sum, params, with_stats)
+        _store(loss, state, stats, chunk, *outputs)
+        if fused:  # rows whose ties at the threshold straddle K, eagerly (see ``head_of``)
+            crowded = chunk.start + (outputs[1].last_tie == CROWDED).nonzero()[:, 0]
+            if len(crowded):
+                outputs = forward_rows(logits[crowded], target[crowded], class_weight, class_weight_sum,
+                                       params, with_stats)
+                _store(loss, state, stats, crowded, *outputs)
     return loss, state, (stats if with_stats else None)
+
+
+def _store(loss: torch.Tensor, state: RowState, stats: RowStats, rows: slice | torch.Tensor,
+           rows_loss: torch.Tensor, rows_state: RowState, rows_stats: RowStats | None) -> None:
+    loss[rows] = rows_loss
+    for field, value in zip(state, rows_state, strict=True):
+        field[rows] = value
+    if rows_stats is not None:
+        for field, value in zip(stats, rows_stats, strict=True):
+            field[rows] = value
 
 
 def forward_rows(
@@ -339,7 +353,7 @@ def backward(
     rows, vocab = logits.shape
     class_weight = None if weight is None else weight.to(compute_dtype(logits.dtype))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    rows_fn = fused_rows(backward_rows) if fused else backward_rows
+    rows_fn = fused_rows(backward_rows, params, logits.dtype, weight is None) if fused else backward_rows
     for chunk in _row_chunks(rows, vocab, fused):
         chunk_state = RowState(*(field[chunk] for field in state))
         rows_fn(logits[chunk], target[chunk], class_weight, params, chunk_state, grad_rows[chunk], grad[chunk])
@@ -381,15 +395,19 @@ def backward_rows(
 
 
 @functools.cache
-def fused_rows(rows_fn):  # type: ignore[no-untyped-def]
-    """``rows_fn`` (``forward_rows`` or ``backward_rows``) compiled by Inductor, once per process.
+def fused_rows(rows_fn, *configuration):  # type: ignore[no-untyped-def]
+    """``rows_fn`` (``forward_rows`` or ``backward_rows``) compiled by Inductor, once per process
+    and ``configuration`` (the params, dtype and flags that its code specialises on).
 
     What the torch backend runs inside a torch.compile'd graph (``precision_ce.ops``): Dynamo
     compiles one chunk's arithmetic, with the number of rows symbolic (so the last, shorter chunk
     reuses it), instead of unrolling the chunk loop; Inductor fuses the elementwise work and the
-    reductions into a few passes over each chunk. Recompiles only when ``params`` change.
+    reductions into a few passes over each chunk. Dynamo caps recompiles per code object (8), so
+    each configuration gets its own copy of the code object.
     """
-    compiled = torch.compile(rows_fn, dynamic=True, fullgraph=True)
+    code = rows_fn.__code__.replace()
+    copy = types.FunctionType(code, rows_fn.__globals__, rows_fn.__name__, rows_fn.__defaults__, rows_fn.__closure__)
+    compiled = torch.compile(copy, dynamic=True, fullgraph=True)
 
     @functools.wraps(rows_fn)
     def run(x: torch.Tensor, *args):  # type: ignore[no-untyped-def]

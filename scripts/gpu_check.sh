@@ -24,8 +24,9 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 
 # Tests: CUDA present, so conftest does not set TRITON_INTERPRET and the kernels compile.
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
-    tests/test_reference.py tests/test_bench.py 2>&1 | tee "$out/tests.log" | tail -n 15
+# tests/test_pytorch.py: Inductor with the triton_ops, opcheck, CUDA graphs, reduce-overhead, determinism.
+timeout 260 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
+    tests/test_reference.py tests/test_bench.py tests/test_pytorch.py 2>&1 | tee "$out/tests.log" | tail -n 15
 tests_status=${PIPESTATUS[0]}
 
 timeout 280 python3 -m precision_ce.cli bench --device cuda --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60

@@ -21,13 +21,15 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def make_inputs(form: str, vocab: int = 24, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Logits and class-index targets in one of F.cross_entropy's input forms."""
+    """Logits and class-index targets in one of F.cross_entropy's input forms ("1d", "2d", "3d")."""
     if form == "1d":
         return random_logits(1, vocab, seed=seed)[0].to(dtype), torch.tensor(vocab // 2)
     if form == "3d":  # (N, C, d): the class dimension is not last
         logits = random_logits(2 * 3, vocab, seed=seed).reshape(2, 3, vocab).movedim(-1, 1).to(dtype)
         return logits, random_targets(6, vocab, seed=seed, ignore_every=4).reshape(2, 3)
-    return random_logits(7, vocab, seed=seed).to(dtype), random_targets(7, vocab, seed=seed, ignore_every=3)
+    # "ties": integer logits, so that ties at the top-k threshold straddle K in most rows.
+    logits = random_logits(7, vocab, seed=seed, scale=1.0, integer=form == "ties").to(dtype)
+    return logits, random_targets(7, vocab, seed=seed, ignore_every=3)
 
 
 def assert_compiled_matches_eager(cases: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
@@ -76,6 +78,8 @@ QUICK_CASES = [
     ("tail_penalty", "2d", "mean", torch.float32, {"weight": True, **ALL_OPTIONS}),
     ("head_reward", "3d", "mean", torch.float64, {"return_stats": True}),
     ("cross_entropy", "2d", "sum", torch.float16, {"z_loss": 1e-3, "weight": True}),
+    ("tail_penalty", "ties", "none", torch.float32, {"return_stats": True}),
+    ("head_reward", "ties", "sum", torch.bfloat16, {}),
 ]
 
 
