@@ -219,7 +219,8 @@ def cross_entropy(
         backend: "auto" (Triton kernel for CUDA tensors, else torch), "torch" or "triton".
         check_targets: check that targets are in range (a host sync on CUDA). Default: always,
             except for the Triton kernel on CUDA, which never reads out of bounds and gives such
-            rows a NaN loss instead of synchronising.
+            rows a NaN loss instead of synchronising. Eagerly a ValueError; under torch.compile
+            an in-graph assert (RuntimeError). The torch backend's op always checks itself.
 
     Returns:
         The loss in ``input``'s dtype (float32 for 16-bit logits under autocast, as torch's): a

@@ -7,9 +7,11 @@ Each backend is one pair of ops in the ``precision_ce`` namespace:
     precision_ce::<backend>_backward(grad_rows, logits, target, weight?, state, <params>)
         -> grad_logits                           (rows, V), like ``logits``
 
-``torch`` is a ``torch.library.custom_op`` around ``precision_ce.reference``: opaque to Dynamo,
-so compiling it costs nothing and its row-chunk loop is not unrolled; its fake implementation
-gives the output shapes. ``triton`` is a ``torch.library.triton_op`` whose body launches the
+``torch`` is a ``torch.library.custom_op`` around ``precision_ce.reference``, run eagerly;
+``torch_fused`` the same with each row chunk compiled once by Inductor, which is what a
+torch.compile'd graph calls (``loss_rows``). Both are opaque to Dynamo, so the row-chunk loop is
+never unrolled; their fake implementation gives the output shapes. ``triton`` is a
+``torch.library.triton_op`` whose body launches the
 kernels through ``wrap_triton``: Inductor sees the kernels and schedules them in its graph, and
 the same body, run on fake tensors, is the fake implementation.
 
