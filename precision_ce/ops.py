@@ -206,13 +206,17 @@ if triton_backend is not None:
 # --- autograd and vmap, shared by every (forward, backward) pair ------------------------------
 
 
-def register_loss_autograd(forward_op: Any, backward_op: Any, passed: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+def register_loss_autograd(
+    forward_op: Any, backward_op: Any, passed: int, differentiable: int = 1,
+) -> Callable[..., tuple[torch.Tensor, ...]]:
     """Autograd and vmap of a loss op pair whose forward returns (loss, *RowState, *RowStats).
 
     The forward op's first ``passed`` inputs are tensors that the backward op takes, in order,
-    after ``grad_rows``; the first of them (the logits) is the one differentiated. The forward op's
-    last inputs are the ``params_args`` scalars and ``with_stats``, which the backward op takes
-    after the state (without ``with_stats``).
+    after ``grad_rows``; the first ``differentiable`` of them get gradients: the backward op
+    returns one tensor (the logits' gradient) or, for more, a tuple (e.g. a fused linear + loss:
+    hidden states and the output layer's weight). The forward op's last inputs are the
+    ``params_args`` scalars and ``with_stats``, which the backward op takes after the state
+    (without ``with_stats``).
 
     Returns the function to call: the forward op, or under torch.func transforms the same formula
     as an ``autograd.Function`` (custom ops' own autograd does not compose with functorch in
@@ -227,8 +231,9 @@ def register_loss_autograd(forward_op: Any, backward_op: Any, passed: int) -> Ca
 
     def differentiate(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
-        grad = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
-        return (grad, *(None for _ in range(ctx.input_count - 1)))
+        grads = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
+        grads = (grads,) if differentiable == 1 else tuple(grads)
+        return (*grads, *(None for _ in range(ctx.input_count - differentiable)))
 
     def no_double_backward(ctx: Any, *grads: torch.Tensor) -> None:
         raise DoubleBackwardError(
@@ -244,7 +249,7 @@ def register_loss_autograd(forward_op: Any, backward_op: Any, passed: int) -> Ca
     forward_function = _functorch_function(forward_op, save, differentiate)
     backward_function = _functorch_function(backward_op, lambda ctx, inputs, output: None, no_double_backward)
 
-    def call_backward(*args: Any) -> torch.Tensor:
+    def call_backward(*args: Any) -> Any:
         return _call(backward_op, backward_function, args)
 
     return lambda *args: _call(forward_op, forward_function, args)
