@@ -119,8 +119,8 @@ def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -
 
     Under torch.compile a Python branch on tensor data would break the graph, so the check is an
     in-graph ``torch._assert_async`` there (a RuntimeError when the compiled code runs; on CUDA an
-    asynchronous device assert). Meta and fake tensors hold no values to check; under torch.func transforms
-    the torch backend's op checks each batch entry itself.
+    asynchronous device assert). Meta and fake tensors hold no values to check; under torch.func
+    transforms the torch backend's op checks each batch entry itself.
     """
     if torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))

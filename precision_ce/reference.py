@@ -13,6 +13,10 @@ The forward pass returns the per-row loss and a few per-row numbers (``RowState`
 pass recomputes pi from the saved lse and writes the gradient once, already scaled by the incoming
 per-row gradient. Nothing of size (N, V) lives between the two passes. The Triton backend keeps
 the same contract.
+
+``forward_rows`` / ``backward_rows`` hold one chunk's arithmetic; ``forward`` / ``backward`` loop
+over chunks, eagerly or (``fused=True``, what a torch.compile'd graph runs, see
+``precision_ce.ops``) through ``fused_rows``, which compiles a chunk's arithmetic once with Inductor.
 """
 
 from __future__ import annotations
