@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from types import ModuleType
 from typing import Any, Literal
@@ -10,9 +9,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
-from . import reference
-from .config import LossParams, RewardConfig
+from . import ops, reference
+from .config import LossParams, RewardConfig, is_finite
 from .reference import RowStats
 
 Backend = Literal["auto", "torch", "triton"]
@@ -25,52 +25,6 @@ EXACT_DTYPES = (torch.float32, torch.float64)
 _torch_cross_entropy = F.cross_entropy
 """torch's own function, captured at import: ``F.cross_entropy = precision_ce.cross_entropy``
 (how Liger-Kernel patches models) must not make us call ourselves."""
-
-
-class _GeneralisedCrossEntropy(torch.autograd.Function):
-    """Per-row loss of (rows, V) logits; the backend's backward recomputes the gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, z_scale, params, backend, with_stats):  # type: ignore[override]
-        loss, state, stats = backend.forward(logits, target, weight, params, with_stats)
-        if z_scale is not None:
-            loss, state = _rescale_z_loss(logits, target, params, loss, state, z_scale)
-        ctx.save_for_backward(logits, target, weight, *state)
-        ctx.params, ctx.backend = params, backend
-        if stats is None:
-            return loss
-        ctx.mark_non_differentiable(*stats)
-        return (loss, *stats)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *grad_stats):  # type: ignore[override]
-        logits, target, weight, *state = ctx.saved_tensors
-        state = ctx.backend.RowState(*state)
-        grad = ctx.backend.backward(logits, target, weight, ctx.params, state, grad_loss)
-        return grad, None, None, None, None, None, None
-
-
-def _rescale_z_loss(
-    logits: torch.Tensor, target: torch.Tensor, params: LossParams, loss: torch.Tensor, state: Any,
-    z_scale: torch.Tensor,
-) -> tuple[torch.Tensor, Any]:
-    """Multiply each row's z-loss term zeta lse**2, and its gradient 2 zeta lse pi, by ``z_scale``.
-
-    The class-weighted mean divides the row losses by sum_r c_{y_r}, but the z-loss is a plain mean
-    over positions (spec section 3): with z_scale = sum_r c_{y_r} / #rows it is. Only per-row
-    numbers change: the loss, ``coef`` (holds 2 zeta lse for every pi_j) and ``grad_target``
-    (holds pi_y 2 zeta lse), so both backends' backward passes stay as they are.
-    """
-    valid = target != params.ignore_index
-    lse = state.row_max + state.log_sum_exp
-    extra = (z_scale.to(lse.dtype) - 1.0) * params.z_loss
-    # Clamped like the mean's weight gather: an unchecked out-of-range target's row is NaN, never an OOB read.
-    column = torch.where(valid, target, 0).clamp(0, logits.shape[1] - 1)
-    x_y = logits.gather(1, column[:, None])[:, 0].to(lse.dtype)
-    pi_y = ((reference.apply_softcap(x_y, params.softcap) - state.row_max) - state.log_sum_exp).exp()
-    z_grad = torch.where(valid, 2.0 * extra * lse, 0.0)
-    loss = loss + torch.where(valid, extra * lse.square(), 0.0)
-    return loss, state._replace(coef=state.coef + z_grad, grad_target=state.grad_target + pi_y * z_grad)
 
 
 def _reward_config(config: RewardConfig | None, **fields: Any) -> RewardConfig:
@@ -96,9 +50,9 @@ def _loss_params(
 ) -> LossParams:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+    if not (is_finite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+    if softcap is not None and not (is_finite(softcap) and softcap > 0.0):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
@@ -150,7 +104,9 @@ def _check_tensors(input: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 def result_dtype(input: torch.Tensor) -> torch.dtype:
     """The loss's dtype: the logits', or float32 for 16-bit logits under autocast, as
     ``F.cross_entropy`` (an autocast-to-fp32 op) returns there. Computed in fp32 either way."""
-    if input.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(input.device.type):
+    device = input.device.type
+    if (input.dtype in (torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)):
         return torch.float32
     return input.dtype
 
@@ -160,20 +116,27 @@ def _describe(value: object) -> str:
 
 
 def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:
-    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-    if bad.any():
-        value = target[bad][0].item()
-        raise ValueError(
-            f"target holds class index {value}, outside [0, {classes}); use class indices in "
-            f"range or ignore_index={ignore_index} for positions without a target"
-        )
+    """Targets outside [0, classes) that are not ``ignore_index``: a ValueError in eager code.
+
+    Under torch.compile a Python branch on tensor data would break the graph, so the check is an
+    in-graph ``torch._assert_async`` there (a RuntimeError when the compiled code runs; on CUDA an
+    asynchronous device assert). Meta and fake tensors hold no values to check; under torch.func
+    transforms the torch backend's op checks each batch entry itself.
+    """
+    if torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+        torch._assert_async(~bad.any(), "precision_ce: target holds a class index outside [0, C) "
+                            "that is not ignore_index")
+    elif not (target.device.type == "meta" or is_fake(target)
+              or torch._C._functorch.is_functorch_wrapped_tensor(target)):
+        ops.check_target_range(target, classes, ignore_index)
 
 
 def _mean_denominator(
     rows_target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reduction="mean": the denominator of the row losses' sum, #rows or sum_r c_{y_r} over the
-    non-ignored rows, and the z-loss's ``z_scale`` for ``_rescale_z_loss`` (None when it is 1)."""
+    non-ignored rows, and the z-loss's ``z_scale`` for ``ops.rescale_z_loss`` (None when it is 1)."""
     valid = rows_target != params.ignore_index
     if weight is None:
         return valid.sum(), None
@@ -184,32 +147,32 @@ def _mean_denominator(
     return denominator, (denominator / valid.sum() if params.has_z_loss else None)
 
 
-def _backend(name: str, logits: torch.Tensor) -> ModuleType:
+def _backend_module(name: str, logits: torch.Tensor) -> ModuleType:
+    """The backend module that ``_backend`` chooses (``reference`` or ``triton_backend``), for host
+    code that runs the backends' forward/backward itself (``linear``, ``distributed``)."""
+    return reference if _backend(name, logits) == "torch" else ops.triton_backend
+
+
+def _backend(name: str, logits: torch.Tensor) -> str:
+    """The backend that runs: "torch" or "triton" (the key of ``ops.FORWARD``)."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
-        return reference
-    kernel_ready = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        return "torch"
+    triton_ready = "triton" in ops.FORWARD
     if name == "auto":
-        if not (logits.is_cuda and logits.dtype in KERNEL_DTYPES):
-            return reference
-        try:
-            from . import triton_backend
-        except ImportError:
-            return reference
-        return triton_backend
+        return "triton" if logits.is_cuda and logits.dtype in KERNEL_DTYPES and triton_ready else "torch"
     if logits.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}")
-    if not kernel_ready:
-        raise RuntimeError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
-            "imported to run the kernels on the CPU under the Triton interpreter"
-        )
-    try:
-        from . import triton_backend
-    except ImportError as error:
-        raise RuntimeError(f"backend='triton' needs the triton package: {error}") from error
-    return triton_backend
+    if not triton_ready:
+        raise RuntimeError("backend='triton' needs the triton package; pip install triton")
+    if not logits.is_cuda:
+        if torch.compiler.is_compiling() or os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors; on the CPU the kernels run only eagerly, under "
+                "the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
+    return "triton"
 
 
 def _probability_targets(
@@ -278,7 +241,8 @@ def cross_entropy(
         backend: "auto" (Triton kernel for CUDA tensors, else torch), "torch" or "triton".
         check_targets: check that targets are in range (a host sync on CUDA). Default: always,
             except for the Triton kernel on CUDA, which never reads out of bounds and gives such
-            rows a NaN loss instead of synchronising.
+            rows a NaN loss instead of synchronising. Eagerly a ValueError; under torch.compile
+            an in-graph assert (RuntimeError). The torch backend's op always checks itself.
 
     Returns:
         The loss in ``input``'s dtype (float32 for 16-bit logits under autocast, as torch's): a
@@ -303,12 +267,12 @@ def cross_entropy(
     rows_target = rows_target.long()
     chosen = _backend(backend, logits)
     # Only the kernel is safe with unchecked targets (it writes NaN rows); elsewhere check.
-    if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
+    if check_targets or (check_targets is None and (not input.is_cuda or chosen == "torch")):
         _check_target_range(target, classes, ignore_index)
 
     # torch's own loss where it is exact: fp32/fp64 at the plain setting. 16-bit logits take our
     # path, which computes in fp32 (torch's CPU kernels round the target's gradient to 16 bits).
-    if (chosen is reference and params.is_plain_cross_entropy and not return_stats
+    if (chosen == "torch" and params.is_plain_cross_entropy and not return_stats
             and input.dtype in EXACT_DTYPES):
         return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
                                     reduction=reduction, label_smoothing=label_smoothing)
@@ -316,8 +280,7 @@ def cross_entropy(
     z_scale = None
     if reduction == "mean":
         denominator, z_scale = _mean_denominator(rows_target, weight, params, classes)
-    outputs = _GeneralisedCrossEntropy.apply(logits, rows_target, weight, z_scale, params, chosen, return_stats)
-    rows_loss, stats = (outputs[0], RowStats(*outputs[1:])) if return_stats else (outputs, None)
+    rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, return_stats)
 
     if reduction == "none":
         loss = rows_loss.reshape(target.shape)

@@ -10,6 +10,12 @@ PositiveReward = Literal["power", "focal"]
 POSITIVE_REWARDS: tuple[str, ...] = ("power", "focal")
 
 
+def is_finite(value: float) -> bool:
+    """``math.isfinite`` written as comparisons (False for nan), which torch.compile can also
+    evaluate on a symbolic float (a hyperparameter that changed between compiled calls)."""
+    return -math.inf < value < math.inf
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
     """The three knobs of the generalised reward (spec section 2).
@@ -32,7 +38,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for name in ("beta", "lambda_head", "lambda_tail"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
                 raise ValueError(f"{name} must be a finite real number, got {value!r}")
         if self.beta <= -1.0:
             raise ValueError(

@@ -37,15 +37,15 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from .api import (
     REDUCTIONS,
-    _backend,
+    _backend_module,
     _check_target_range,
     _check_tensors,
     _loss_params,
-    _rescale_z_loss,
     _reward_config,
     result_dtype,
 )
 from .config import LossParams, RewardConfig
+from .ops import rescale_z_loss
 from .reference import Head, RowStats, RowSums, apply_softcap, compute_dtype
 
 
@@ -234,7 +234,7 @@ def forward(
     if z_loss_plain_mean:
         # api's convention (spec section 3), applied to the target's logit as a one-column shard.
         target_column = torch.where(valid, 0, -1)
-        loss, state = _rescale_z_loss(x_y[:, None], target_column, dataclasses.replace(params, ignore_index=-1),
+        loss, state = rescale_z_loss(x_y[:, None], target_column, dataclasses.replace(params, ignore_index=-1),
                                       loss, state, denominator / valid.sum())
     if kernels:
         # The kernels index per-row numbers densely; columns of the all-reduced tensors are strided.
@@ -373,7 +373,7 @@ def vocab_parallel_cross_entropy(
     # Validate with the drop-in's checks, which expect the class dimension second.
     _check_tensors(input.movedim(-1, 1) if isinstance(input, torch.Tensor) and input.dim() > 1 else input,
                    target, weight)
-    chosen = _backend(backend, input)
+    chosen = _backend_module(backend, input)
 
     logits = input.reshape(-1, input.shape[-1])
     rows_target = target.reshape(-1).long()

@@ -37,18 +37,18 @@ from .api import (
     EXACT_DTYPES,
     REDUCTIONS,
     Backend,
-    _backend,
+    _backend_module,
     _check_target_range,
     _check_tensors,
     _describe,
     _loss_params,
     _mean_denominator,
-    _rescale_z_loss,
     _reward_config,
     _torch_cross_entropy,
     result_dtype,
 )
 from .config import LossParams, RewardConfig
+from .ops import rescale_z_loss
 from .reference import RowStats
 
 MIN_CHUNK_BYTES = 16 << 20
@@ -182,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = F.linear(x, w, b)
                 loss, state, row_stats = plan.backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
                 if z_scale is not None:
-                    loss, state = _rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
+                    loss, state = rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
                 losses.append(loss)
                 if row_stats is not None:
                     stats.append(row_stats)
@@ -343,7 +343,7 @@ def linear_cross_entropy(
     # A zero-stride stand-in for the logits: the shared checks of cross_entropy, without the memory.
     logits_like = torch.empty((), dtype=matmul_dtype, device=input.device).expand(rows, vocab)
     _check_tensors(logits_like, rows_target, class_weight)
-    chosen = _backend(backend, logits_like)
+    chosen = _backend_module(backend, logits_like)
     if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
         _check_target_range(rows_target, vocab, ignore_index)
     rows_target = rows_target.long()

@@ -13,11 +13,17 @@ The forward pass returns the per-row loss and a few per-row numbers (``RowState`
 pass recomputes pi from the saved lse and writes the gradient once, already scaled by the incoming
 per-row gradient. Nothing of size (N, V) lives between the two passes. The Triton backend keeps
 the same contract.
+
+``forward_rows`` / ``backward_rows`` hold one chunk's arithmetic; ``forward`` / ``backward`` loop
+over chunks, eagerly or (``fused=True``, what a torch.compile'd graph runs, see
+``precision_ce.ops``) through ``fused_rows``, which compiles a chunk's arithmetic once with Inductor.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import NamedTuple
 
 import torch
@@ -38,6 +44,11 @@ w_y (1 - pi_y) and -w_y log pi_y, formed from the uncapped log weight; both stay
 
 CHUNK_ELEMENTS = 1 << 21
 """Rows are processed in chunks of about this many logits (8 MiB per fp32 temporary)."""
+
+FUSED_CHUNK_ELEMENTS = 1 << 25
+"""The chunk size when Inductor fuses each chunk (``fused_rows``): fused code keeps almost no
+temporaries of a chunk's size, and every call of compiled code pays a fixed cost per kernel, so
+chunks are 16x larger."""
 
 
 class RowState(NamedTuple):
@@ -113,6 +124,10 @@ def target_weight(
     return log_w.clamp(max=LOG_WEIGHT_MAX).exp(), (log_w + log1m).exp(), (log_w + log_neg_log_pi).exp()
 
 
+CROWDED = -1
+"""``last_tie`` of a row whose ties at the threshold straddle K, as compiled code leaves it."""
+
+
 class Head(NamedTuple):
     """The top-k head K of each row and the sums over it, all shaped (rows,)."""
 
@@ -141,8 +156,12 @@ def head_of(
     last_tie = torch.full_like(ties_wanted, vocab - 1)
     if k < vocab:
         crowded = top[:, k] == threshold  # some logits equal to the threshold stay outside K
-        if crowded.any():
-            # The ties_wanted-th tie's index: the positions whose running tie count is below it.
+        # The ties_wanted-th tie's index: the positions whose running tie count is below it,
+        # for the (rare) crowded rows only. Compiled code cannot branch on data: it marks them
+        # CROWDED and ``forward`` recomputes those rows eagerly.
+        if torch.compiler.is_compiling():
+            last_tie = torch.where(crowded, CROWDED, last_tie)
+        elif crowded.any():
             running = (x[crowded] == threshold[crowded, None]).cumsum(-1)
             last_tie[crowded] = (running < ties_wanted[crowded, None]).sum(-1)
     x_y = x.gather(1, y)[:, 0]
@@ -170,9 +189,11 @@ def head_sums(
 def in_head(x: torch.Tensor, threshold: torch.Tensor, last_tie: torch.Tensor) -> torch.Tensor:
     """Membership of K (rows, V) from the threshold and last tie index (see ``Head``)."""
     head = x >= threshold[:, None]
+    index = torch.arange(x.shape[-1], device=x.device)
+    if torch.compiler.is_compiling():  # no branch on data; fused, the extra terms cost little
+        return head & ((x > threshold[:, None]) | (index <= last_tie[:, None]))
     cut = last_tie < x.shape[-1] - 1
     if cut.any():
-        index = torch.arange(x.shape[-1], device=x.device)
         head[cut] &= (x[cut] > threshold[cut, None]) | (index <= last_tie[cut, None])
     return head
 
@@ -185,8 +206,8 @@ def target_rank(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 + before.sum(-1)
 
 
-def _row_chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _row_chunks(rows: int, vocab: int, fused: bool = False) -> list[slice]:
+    step = max(1, (FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS) // max(vocab, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -280,59 +301,99 @@ def forward(
     weight: torch.Tensor | None,
     params: LossParams,
     with_stats: bool,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, RowState, RowStats | None]:
     """Loss per row and the state the backward pass needs.
 
     logits: (rows, V) float; target: (rows,) int64 with ignore_index for ignored rows;
     weight: (V,) class weights or None. Returns (loss (rows,) in the compute dtype, state, stats).
+    ``fused``: run each chunk through Inductor (``fused_rows``) instead of eagerly.
     """
     rows, vocab = logits.shape
-    reward = params.reward
     cdt = compute_dtype(logits.dtype)
-    needs_rank = reward.needs_rank(vocab)
-    has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
     class_weight = None if weight is None else weight.to(cdt)
     class_weight_sum = float(vocab) if class_weight is None else class_weight.sum()
-
     loss = torch.empty(rows, dtype=cdt, device=logits.device)
-    state = RowState(*(torch.zeros(rows, dtype=cdt, device=logits.device) for _ in range(7)),
+    state = RowState(*(torch.empty(rows, dtype=cdt, device=logits.device) for _ in range(7)),
                      torch.zeros(rows, dtype=torch.long, device=logits.device))
     stats = RowStats(*(torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4)))
-
-    for chunk in _row_chunks(rows, vocab):
-        x = logits[chunk].to(cdt)
-        valid = target[chunk] != params.ignore_index
-        y = torch.where(valid, target[chunk], 0)[:, None]
-        z = apply_softcap(x, params.softcap)
-
-        # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
-        # logits in the thousands (z - lse would lose ulp(lse) to rounding).
-        row_max = z.amax(dim=-1)
-        z_shifted = z - row_max[:, None]
-        log_sum_exp = torch.logsumexp(z_shifted, dim=-1)
-        log_p = z_shifted - log_sum_exp[:, None]
-        p = log_p.exp()
-        # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
-        log1m_pi_y = p.scatter(1, y, 0.0).sum(-1).log()
-        plogp = _xlogy_safe(p, log_p).sum(-1) if has_negatives or with_stats else None  # sum_a pi_a log pi_a
-        head = None
-        if needs_rank or with_stats:
-            head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
-        smooth_log_p = None
-        if params.has_smoothing:
-            smooth_log_p = (log_p if class_weight is None else class_weight * log_p).sum(-1)
-        c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
-        sums = RowSums(row_max, log_sum_exp, log_p.gather(1, y)[:, 0], log1m_pi_y, plogp, smooth_log_p, head, c_y)
-        loss[chunk], row_state = shaped_rows(sums, valid, class_weight_sum, vocab, params)
-        for saved, value in zip(state, row_state, strict=True):
-            saved[chunk] = value
-
-        if with_stats:
-            stats.entropy[chunk] = -plogp.float()
-            stats.lse[chunk] = (row_max + log_sum_exp).float()
-            stats.target_rank[chunk] = torch.where(valid, target_rank(x, y[:, 0]), 0).float()
-            stats.topk_mass[chunk] = head.mass.float()
+    configuration = (params, logits.dtype, weight is None, with_stats)
+    rows_fn = fused_rows(forward_rows, *configuration) if fused else forward_rows
+    for chunk in _row_chunks(rows, vocab, fused):
+        outputs = rows_fn(logits[chunk], target[chunk], class_weight, class_weight_sum, params, with_stats)
+        _store(loss, state, stats, chunk, *outputs)
+        if fused:  # rows whose ties at the threshold straddle K, eagerly (see ``head_of``)
+            crowded = chunk.start + (outputs[1].last_tie == CROWDED).nonzero()[:, 0]
+            if len(crowded):
+                outputs = forward_rows(logits[crowded], target[crowded], class_weight, class_weight_sum,
+                                       params, with_stats)
+                _store(loss, state, stats, crowded, *outputs)
     return loss, state, (stats if with_stats else None)
+
+
+def _store(loss: torch.Tensor, state: RowState, stats: RowStats, rows: slice | torch.Tensor,
+           rows_loss: torch.Tensor, rows_state: RowState, rows_stats: RowStats | None) -> None:
+    loss[rows] = rows_loss
+    for field, value in zip(state, rows_state, strict=True):
+        field[rows] = value
+    if rows_stats is not None:
+        for field, value in zip(stats, rows_stats, strict=True):
+            field[rows] = value
+
+
+def forward_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    class_weight_sum: torch.Tensor | float,
+    params: LossParams,
+    with_stats: bool,
+) -> tuple[torch.Tensor, RowState, RowStats | None]:
+    """``forward`` for one chunk of rows: x (rows, V) raw logits, target (rows,), class_weight (V,)
+    in the compute dtype or None and its sum. Returns the chunk's loss, state and stats."""
+    vocab = x.shape[1]
+    reward = params.reward
+    cdt = compute_dtype(x.dtype)
+    needs_rank = reward.needs_rank(vocab)
+    has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
+    x = x.to(cdt)
+    valid = target != params.ignore_index
+    y = torch.where(valid, target, 0)[:, None]
+    z = apply_softcap(x, params.softcap)
+
+    # Work relative to the row max: z - m is exact, so log pi keeps full precision even for
+    # logits in the thousands (z - lse would lose ulp(lse) to rounding). Every sum over the row
+    # below reads only z - m and e^(z-m): two passes over the chunk once fused (max, then sums).
+    row_max = z.amax(dim=-1)
+    z_shifted = z - row_max[:, None]
+    e = z_shifted.exp()
+    is_target = torch.arange(vocab, device=x.device) == y
+    sum_exp = e.sum(-1)
+    log_sum_exp = sum_exp.log()
+    lse = row_max + log_sum_exp
+    log_pi_y = z_shifted.gather(1, y)[:, 0] - log_sum_exp
+    # log(1 - pi_y) from the mass of the other tokens, exact where pi_y -> 1.
+    log1m_pi_y = torch.where(is_target, 0.0, e).sum(-1).log() - log_sum_exp
+    plogp = None
+    if has_negatives or with_stats:
+        # sum_a pi_a log pi_a = sum_a e^(z_a-m) (z_a-m) / s - log s
+        plogp = _xlogy_safe(e, z_shifted).sum(-1) / sum_exp - log_sum_exp
+    head = None
+    if needs_rank or with_stats:
+        head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
+    smooth_log_p = None
+    if params.has_smoothing:
+        # sum_a c_a log pi_a = sum_a c_a (z_a - m) - C log s
+        c_z = z_shifted if class_weight is None else _xlogy_safe(class_weight, z_shifted)
+        smooth_log_p = c_z.sum(-1) - class_weight_sum * log_sum_exp
+    c_y = 1.0 if class_weight is None else class_weight[y[:, 0]]
+    sums = RowSums(row_max, log_sum_exp, log_pi_y, log1m_pi_y, plogp, smooth_log_p, head, c_y)
+    loss, state = shaped_rows(sums, valid, class_weight_sum, vocab, params)
+    stats = None
+    if with_stats:
+        stats = RowStats(-plogp.float(), lse.float(), torch.where(valid, target_rank(x, y[:, 0]), 0).float(),
+                         head.mass.float())
+    return loss, state, stats
 
 
 def backward(
@@ -342,6 +403,7 @@ def backward(
     params: LossParams,
     state: RowState,
     grad_rows: torch.Tensor,
+    fused: bool = False,
     *,
     vocab: int | None = None,
     vocab_start: int = 0,
@@ -353,30 +415,74 @@ def backward(
     """
     rows, shard_vocab = logits.shape
     vocab = shard_vocab if vocab is None else vocab
-    reward = params.reward
-    cdt = compute_dtype(logits.dtype)
-    needs_rank = reward.needs_rank(vocab)
-    class_weight = None if weight is None else weight.to(cdt)
+    class_weight = None if weight is None else weight.to(compute_dtype(logits.dtype))
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    for chunk in _row_chunks(rows, shard_vocab):
-        x = logits[chunk].to(cdt)
-        s = state._replace(**{f: getattr(state, f)[chunk][:, None] for f in RowState._fields})
-        valid = target[chunk] != params.ignore_index
-        y_local = target[chunk] - vocab_start
-        owned = valid & (y_local >= 0) & (y_local < shard_vocab)  # the target's column is here
-        y = torch.where(owned, y_local, 0)[:, None]
-        p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
-        if needs_rank:
-            head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
-            coef = torch.where(head, s.coef - s.scale * reward.lambda_head, s.coef - s.scale * reward.lambda_tail)
-        else:
-            coef = s.coef - s.scale * reward.uniform_lambda(vocab)
-        g = p * coef
-        if params.has_smoothing:
-            g = g - s.smooth * (1.0 if class_weight is None else class_weight)
-        g = g.scatter(1, y, torch.where(owned[:, None], s.grad_target, g.gather(1, y))) * grad_rows[chunk, None].to(cdt)
-        g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
-        if params.has_softcap:
-            g = g * softcap_derivative(x, params.softcap)
-        grad[chunk] = g
+    rows_fn = fused_rows(backward_rows, params, logits.dtype, weight is None) if fused else backward_rows
+    for chunk in _row_chunks(rows, shard_vocab, fused):
+        chunk_state = RowState(*(field[chunk] for field in state))
+        rows_fn(logits[chunk], target[chunk], class_weight, params, chunk_state, grad_rows[chunk], grad[chunk],
+                vocab, vocab_start)
     return grad
+
+
+def backward_rows(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    params: LossParams,
+    state: RowState,
+    grad_rows: torch.Tensor,
+    out: torch.Tensor,
+    vocab: int,
+    vocab_start: int,
+) -> None:
+    """``backward`` for one chunk of rows, written into ``out`` (the chunk's rows of the gradient;
+    fused, the one write of the gradient, not a temporary and a copy). x holds columns
+    ``vocab_start`` on of a vocabulary of ``vocab`` classes."""
+    shard_vocab = x.shape[1]
+    reward = params.reward
+    x = x.to(compute_dtype(x.dtype))
+    s = state._replace(**{f: getattr(state, f)[:, None] for f in RowState._fields})
+    valid = target != params.ignore_index
+    y = torch.where(valid, target, 0)[:, None]
+    p = ((apply_softcap(x, params.softcap) - s.row_max) - s.log_sum_exp).exp()
+    if reward.needs_rank(vocab):
+        head = in_head(x, s.threshold[:, 0], s.last_tie[:, 0])
+        coef = torch.where(head, s.coef - s.scale * reward.lambda_head, s.coef - s.scale * reward.lambda_tail)
+    else:
+        coef = s.coef - s.scale * reward.uniform_lambda(vocab)
+    g = p * coef
+    if params.has_smoothing:
+        g = g - s.smooth * (1.0 if class_weight is None else class_weight)
+    # The target's column, where this shard holds it.
+    is_target = torch.arange(vocab_start, vocab_start + shard_vocab, device=x.device) == y
+    g = torch.where(is_target, s.grad_target, g) * grad_rows[:, None].to(x.dtype)
+    g = torch.where(valid[:, None], g, 0.0)  # also when an ignored row's logits are all -inf
+    if params.has_softcap:
+        g = g * softcap_derivative(x, params.softcap)
+    out.copy_(g)
+
+
+@functools.cache
+def fused_rows(rows_fn, *configuration):  # type: ignore[no-untyped-def]
+    """``rows_fn`` (``forward_rows`` or ``backward_rows``) compiled by Inductor, once per process
+    and ``configuration`` (the params, dtype and flags that its code specialises on).
+
+    What the torch backend runs inside a torch.compile'd graph (``precision_ce.ops``): Dynamo
+    compiles one chunk's arithmetic, with the number of rows symbolic (so the last, shorter chunk
+    reuses it), instead of unrolling the chunk loop; Inductor fuses the elementwise work and the
+    reductions into a few passes over each chunk. Dynamo caps recompiles per code object (8), so
+    each configuration gets its own copy of the code object.
+    """
+    code = rows_fn.__code__.replace()
+    copy = types.FunctionType(code, rows_fn.__globals__, rows_fn.__name__, rows_fn.__defaults__, rows_fn.__closure__)
+    compiled = torch.compile(copy, dynamic=True, fullgraph=True)
+
+    @functools.wraps(rows_fn)
+    def run(x: torch.Tensor, *args):  # type: ignore[no-untyped-def]
+        # The same dispatch keys and no autograd on every call, whichever path (autograd's
+        # forward, a compiled graph, opcheck) reached the op: else Dynamo guards recompile.
+        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+            return compiled(x.detach(), *args)
+
+    return run

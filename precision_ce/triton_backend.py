@@ -3,6 +3,8 @@
 Same contract as ``precision_ce.reference``: ``forward`` returns the per-row loss and a small
 per-row ``RowState``; ``backward`` recomputes the gradient from it in one read of the logits.
 On the CPU it runs under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
+Launches go through ``wrap_triton`` so that ``precision_ce.ops`` can register both functions as
+``triton_op`` bodies that Inductor traces (on CUDA; interpreted kernels run eagerly only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from .config import LossParams
 from .kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward
@@ -83,7 +86,7 @@ def forward(
     class_weight_sum = loss if weight is None else weight.float().sum().reshape(1)
     if rows > 0:
         stats_args = stats if stats is not None else (loss,) * 4
-        generalised_ce_forward[(rows,)](
+        wrap_triton(generalised_ce_forward)[(rows,)](
             logits, logits.stride(0), target, weight_arg,
             loss, *state, stats_args[0], stats_args[2], stats_args[3], class_weight_sum,
             vocab, params.ignore_index, min(reward.k, vocab), reward.beta, lambda_head, lambda_tail,
@@ -130,7 +133,7 @@ def backward(
     grad = torch.empty_like(logits)
     grad_rows = grad_rows.float()
     if rows > 0:
-        generalised_ce_backward[(rows,)](
+        wrap_triton(generalised_ce_backward)[(rows,)](
             logits, logits.stride(0), target, weight if weight is not None else grad_rows,
             grad_rows, grad_rows.stride(0), grad, grad.stride(0), *state,
             shard_vocab, vocab_start, params.ignore_index, reward.lambda_head, lambda_tail, params.softcap or 1.0,

@@ -24,8 +24,10 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 
 # Tests: CUDA present, so conftest does not set TRITON_INTERPRET and the kernels compile.
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
-    tests/test_reference.py tests/test_bench.py tests/test_linear.py 2>&1 | tee "$out/tests.log" | tail -n 15
+# tests/test_pytorch.py: Inductor with the triton_ops, opcheck, CUDA graphs, reduce-overhead, determinism.
+timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel.py tests/test_properties.py \
+    tests/test_reference.py tests/test_bench.py tests/test_linear.py tests/test_pytorch.py 2>&1 \
+    | tee "$out/tests.log" | tail -n 15
 tests_status=${PIPESTATUS[0]}
 # The vocab-parallel loss: gloo ranks on the one GPU; its Triton cases run the compiled kernels on CUDA tensors.
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_distributed.py 2>&1 | tee "$out/tests_distributed.log" | tail -n 5

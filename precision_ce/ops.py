@@ -1,0 +1,328 @@
+"""The loss as PyTorch custom operators: what torch.compile, autograd and torch.func see.
+
+Each backend is one pair of ops in the ``precision_ce`` namespace:
+
+    precision_ce::<backend>_forward(logits, target, weight?, z_scale?, <params>, with_stats)
+        -> (loss, *RowState, *RowStats)          per row: loss, 8 state fields, 4 stats
+    precision_ce::<backend>_backward(grad_rows, logits, target, weight?, state, <params>)
+        -> grad_logits                           (rows, V), like ``logits``
+
+``torch`` is a ``torch.library.custom_op`` around ``precision_ce.reference``, run eagerly;
+``torch_fused`` the same with each row chunk compiled once by Inductor, which is what a
+torch.compile'd graph calls (``loss_rows``). Both are opaque to Dynamo, so the row-chunk loop is
+never unrolled; their fake implementation gives the output shapes. ``triton`` is a
+``torch.library.triton_op`` whose body launches the
+kernels through ``wrap_triton``: Inductor sees the kernels and schedules them in its graph, and
+the same body, run on fake tensors, is the fake implementation.
+
+Autograd (``register_autograd``, shared by both pairs): the forward op saves the logits, targets
+and the small per-row ``RowState``; the backward op recomputes the gradient, as the backends
+always did. Nothing of size (rows, V) is saved. The loss is a surrogate whose weights are
+stop-gradient constants (spec section 3); its second derivative is not implemented, so a second
+backward through the backward op raises ``DoubleBackwardError`` instead of returning a wrong
+number. ``vmap`` runs the ops once per batch entry (``register_vmap``).
+
+Op schemas take scalars, not dataclasses: ``LossParams`` is flattened by ``params_args`` and
+rebuilt by ``params_from``. A new op over the same loss (e.g. a fused linear + loss) registers
+the same way: a forward op returning (loss, *RowState, *RowStats), a backward op, and
+``register_loss_autograd(forward_op, backward_op, passed=...)``, which returns the
+differentiable forward (see its docstring for the argument order it expects).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.library import custom_op, register_autograd, register_vmap, triton_op
+
+from . import reference
+from .config import LossParams, RewardConfig
+from .reference import RowStats
+
+try:
+    from . import triton_backend
+except ImportError:  # no triton: the torch ops alone
+    triton_backend = None
+
+STATE_FIELDS = len(reference.RowState._fields)
+STATS_FIELDS = len(RowStats._fields)
+PARAMS_COUNT = 9
+"""How many scalar arguments ``params_args`` gives; every op schema ends with them (then ``with_stats``)."""
+LossOutputs = tuple[(torch.Tensor,) * (1 + STATE_FIELDS + STATS_FIELDS)]  # type: ignore[misc]
+"""A forward op's outputs: loss, the RowState fields, the RowStats fields (empty without stats)."""
+
+
+class DoubleBackwardError(RuntimeError):
+    """A second derivative was asked for; the loss provides first derivatives only."""
+
+
+def params_args(params: LossParams) -> tuple[float, int, float, float, str, int, float, float, float | None]:
+    """``LossParams`` as the op schemas' scalar arguments (in the order of the schemas)."""
+    reward = params.reward
+    return (reward.beta, reward.k, reward.lambda_head, reward.lambda_tail, reward.positive_reward,
+            params.ignore_index, params.label_smoothing, params.z_loss, params.softcap)
+
+
+def params_from(beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str,
+                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None) -> LossParams:
+    """The inverse of ``params_args`` (values were validated by the public API)."""
+    reward = RewardConfig(beta, k, lambda_head, lambda_tail, positive_reward)  # type: ignore[arg-type]
+    return LossParams(reward, ignore_index, label_smoothing, z_loss, softcap)
+
+
+def rescale_z_loss(
+    logits: torch.Tensor, target: torch.Tensor, params: LossParams, loss: torch.Tensor, state: Any,
+    z_scale: torch.Tensor,
+) -> tuple[torch.Tensor, Any]:
+    """Multiply each row's z-loss term zeta lse**2, and its gradient 2 zeta lse pi, by ``z_scale``.
+
+    The class-weighted mean divides the row losses by sum_r c_{y_r}, but the z-loss is a plain mean
+    over positions (spec section 3): with z_scale = sum_r c_{y_r} / #rows it is. Only per-row
+    numbers change: the loss, ``coef`` (holds 2 zeta lse for every pi_j) and ``grad_target``
+    (holds pi_y 2 zeta lse), so both backends' backward passes stay as they are.
+    """
+    valid = target != params.ignore_index
+    lse = state.row_max + state.log_sum_exp
+    extra = (z_scale.to(lse.dtype) - 1.0) * params.z_loss
+    x_y = logits.gather(1, torch.where(valid, target, 0).clamp(0, logits.shape[1] - 1)[:, None])[:, 0].to(lse.dtype)
+    pi_y = ((reference.apply_softcap(x_y, params.softcap) - state.row_max) - state.log_sum_exp).exp()
+    z_grad = torch.where(valid, 2.0 * extra * lse, 0.0)
+    loss = loss + torch.where(valid, extra * lse.square(), 0.0)
+    return loss, state._replace(coef=state.coef + z_grad, grad_target=state.grad_target + pi_y * z_grad)
+
+
+def _run_forward(
+    backend_forward: Callable[..., Any], logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+    z_scale: torch.Tensor | None, params: LossParams, with_stats: bool,
+) -> tuple[torch.Tensor, ...]:
+    loss, state, stats = backend_forward(logits, target, weight, params, with_stats)
+    if z_scale is not None:
+        loss, state = rescale_z_loss(logits, target, params, loss, state, z_scale)
+    if stats is None:  # a fixed output count; empty stats cost nothing
+        stats = RowStats(*(logits.new_empty(0, dtype=torch.float32) for _ in range(STATS_FIELDS)))
+    return (loss, *state, *stats)
+
+
+# --- torch backend: opaque custom ops ---------------------------------------------------------
+
+
+def check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """ValueError naming the first class index outside [0, classes) that is not ``ignore_index``.
+
+    Data-dependent (a host sync on CUDA): called in eager code and inside the opaque torch op,
+    never where Dynamo traces (see ``precision_ce.api`` for the in-graph check).
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bad.any():
+        value = target[bad][0].item()
+        raise ValueError(
+            f"target holds class index {value}, outside [0, {classes}); use class indices in "
+            f"range or ignore_index={ignore_index} for positions without a target"
+        )
+
+
+def _torch_ops(name: str, fused: bool) -> tuple[Any, Any]:
+    """The torch backend's op pair; ``fused`` runs each row chunk through Inductor."""
+
+    @custom_op(f"precision_ce::{name}_forward", mutates_args=())
+    def forward(
+        logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
+        beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    ) -> LossOutputs:
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        # The op runs eagerly even inside a compiled graph, so the clear error holds there too.
+        check_target_range(target, logits.shape[1], ignore_index)
+        run = functools.partial(reference.forward, fused=fused)
+        return _run_forward(run, logits, target, weight, z_scale, params, with_stats)
+
+    @custom_op(f"precision_ce::{name}_backward", mutates_args=())
+    def backward(
+        grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+        state: list[torch.Tensor], beta: float, k: int, lambda_head: float, lambda_tail: float,
+        positive_reward: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+    ) -> torch.Tensor:
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        return reference.backward(logits, target, weight, params, reference.RowState(*state), grad_rows, fused)
+
+    forward.register_fake(_torch_forward_fake)
+    backward.register_fake(_torch_backward_fake)
+    return forward, backward
+
+
+def _torch_forward_fake(logits, target, weight, z_scale, beta, k, lambda_head, lambda_tail, positive_reward,
+                        ignore_index, label_smoothing, z_loss, softcap, with_stats):
+    rows = logits.shape[0]
+    compute = reference.compute_dtype(logits.dtype)
+    row = lambda dtype: logits.new_empty(rows, dtype=dtype)  # noqa: E731
+    state = [row(compute) for _ in range(STATE_FIELDS - 1)] + [row(torch.long)]
+    stats = [logits.new_empty(rows if with_stats else 0, dtype=torch.float32) for _ in range(STATS_FIELDS)]
+    return (row(compute), *state, *stats)
+
+
+def _torch_backward_fake(grad_rows, logits, target, weight, state, *params):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+torch_forward, torch_backward = _torch_ops("torch", fused=False)
+"""The torch backend (``reference.forward`` / ``reference.backward``) run eagerly: opaque to Dynamo."""
+torch_fused_forward, torch_fused_backward = _torch_ops("torch_fused", fused=True)
+"""The same with each row chunk compiled by Inductor: what a torch.compile'd graph calls."""
+
+
+# --- Triton backend: ops whose kernels Inductor sees ------------------------------------------
+
+if triton_backend is not None:
+
+    @triton_op("precision_ce::triton_forward", mutates_args=())
+    def triton_forward(
+        logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
+        beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    ) -> LossOutputs:
+        """Per-row loss, RowState and RowStats of the Triton kernels; a target outside [0, V) that
+        is not ignore_index gives its row a NaN loss and gradient (no host check here)."""
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        return _run_forward(triton_backend.forward, logits, target, weight, z_scale, params, with_stats)
+
+    @triton_op("precision_ce::triton_backward", mutates_args=())
+    def triton_backward(
+        grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+        state: list[torch.Tensor], beta: float, k: int, lambda_head: float, lambda_tail: float,
+        positive_reward: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+    ) -> torch.Tensor:
+        """d(sum_r grad_rows[r] loss[r]) / d logits of the Triton kernels, in the logits' dtype."""
+        params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
+                             z_loss, softcap)
+        return triton_backend.backward(logits, target, weight, params, triton_backend.RowState(*state), grad_rows)
+
+
+# --- autograd and vmap, shared by every (forward, backward) pair ------------------------------
+
+
+def register_loss_autograd(
+    forward_op: Any, backward_op: Any, passed: int, differentiable: int = 1,
+) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """Autograd and vmap of a loss op pair whose forward returns (loss, *RowState, *RowStats).
+
+    The forward op's first ``passed`` inputs are tensors that the backward op takes, in order,
+    after ``grad_rows``; the first ``differentiable`` of them get gradients: the backward op
+    returns one tensor (the logits' gradient) or, for more, a tuple (e.g. a fused linear + loss:
+    hidden states and the output layer's weight). The forward op's last inputs are the
+    ``params_args`` scalars and ``with_stats``, which the backward op takes after the state
+    (without ``with_stats``).
+
+    Returns the function to call: the forward op, or under torch.func transforms the same formula
+    as an ``autograd.Function`` (custom ops' own autograd does not compose with functorch in
+    torch 2.13; a Function with ``setup_context`` does).
+    """
+
+    def save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        ctx.save_for_backward(*inputs[:passed], *output[1:1 + STATE_FIELDS])
+        ctx.params = inputs[-1 - PARAMS_COUNT:-1]
+        ctx.input_count = len(inputs)
+        ctx.mark_non_differentiable(*output[1:])
+
+    def differentiate(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        grads = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
+        grads = (grads,) if differentiable == 1 else tuple(grads)
+        return (*grads, *(None for _ in range(ctx.input_count - differentiable)))
+
+    def no_double_backward(ctx: Any, *grads: torch.Tensor) -> None:
+        raise DoubleBackwardError(
+            f"{backward_op._qualname}: a second derivative (a backward through a gradient taken with "
+            "create_graph=True, or nested torch.func.grad) is not implemented; the loss's weights are "
+            "stop-gradient constants and it provides first derivatives only"
+        )
+
+    register_autograd(forward_op, differentiate, setup_context=save)
+    register_autograd(backward_op, no_double_backward)
+    _register_loop_vmap(forward_op)
+    _register_loop_vmap(backward_op)
+    forward_function = _functorch_function(forward_op, save, differentiate)
+    backward_function = _functorch_function(backward_op, lambda ctx, inputs, output: None, no_double_backward)
+
+    def call_backward(*args: Any) -> Any:
+        return _call(backward_op, backward_function, args)
+
+    return lambda *args: _call(forward_op, forward_function, args)
+
+
+def _functorch_function(op: Any, save: Callable[..., None], differentiate: Callable[..., Any]) -> type:
+    """``op`` with the given autograd formula as an ``autograd.Function`` (for torch.func)."""
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True  # through the op's own vmap rule
+
+        @staticmethod
+        def forward(*args: Any) -> Any:  # type: ignore[override]
+            return op(*args)
+
+        setup_context = staticmethod(save)  # type: ignore[assignment]
+        backward = staticmethod(differentiate)  # type: ignore[assignment]
+
+    Function.__name__ = Function.__qualname__ = f"{op._name}_function"
+    return Function
+
+
+def _call(op: Any, function: type, args: tuple[Any, ...]) -> Any:
+    """The op, or its ``autograd.Function`` twin when a torch.func transform wraps an argument."""
+    if not torch.compiler.is_compiling() and any(
+        isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args
+    ):
+        return function.apply(*args)
+    return op(*args)
+
+
+def _register_loop_vmap(op: Any) -> None:
+    """vmap by running the op once per batch entry (rows are independent; the batch is a loop)."""
+
+    def vmap_rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:
+        size = info.batch_size
+
+        def select(arg: Any, dim: Any, index: int) -> Any:
+            if dim is None:
+                return arg
+            if isinstance(arg, (list, tuple)):
+                return [a if d is None else a.select(d, index) for a, d in zip(arg, dim, strict=True)]
+            return arg.select(dim, index)
+
+        results = [op(*(select(a, d, i) for a, d in zip(args, in_dims, strict=True))) for i in range(size)]
+        if isinstance(results[0], torch.Tensor):
+            return torch.stack(results), 0
+        stacked = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+        return stacked, tuple(0 for _ in stacked)
+
+    register_vmap(op, vmap_rule)
+
+
+FORWARD: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
+    "torch": register_loss_autograd(torch_forward, torch_backward, passed=3),
+    "torch_fused": register_loss_autograd(torch_fused_forward, torch_fused_backward, passed=3),
+}
+"""Per backend, the differentiable forward: (logits, target, weight, z_scale, *params_args, with_stats)."""
+if triton_backend is not None:
+    FORWARD["triton"] = register_loss_autograd(triton_forward, triton_backward, passed=3)
+
+
+def loss_rows(
+    backend: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+    z_scale: torch.Tensor | None, params: LossParams, with_stats: bool,
+) -> tuple[torch.Tensor, RowStats | None]:
+    """Per-row loss (rows,) in the compute dtype and, with ``with_stats``, the fp32 RowStats.
+
+    logits (rows, V); target (rows,) int64; weight (V,) or None; z_scale a 0-d tensor or None.
+    Differentiable in ``logits``.
+    """
+    if backend == "torch" and torch.compiler.is_compiling():
+        backend = "torch_fused"  # fused chunks, compiled once, instead of eager ones in compiled code
+    outputs = FORWARD[backend](logits, target, weight, z_scale, *params_args(params), with_stats)
+    stats = RowStats(*outputs[1 + STATE_FIELDS:]) if with_stats else None
+    return outputs[0], stats
