@@ -260,12 +260,14 @@ def test_slow_candidates_get_fewer_samples() -> None:
         assert row["repeats"] == 1 and "1 of 3 samples" in row["note"], row
 
 
-def test_large_cases_skip_compiling_the_torch_backend() -> None:
+def test_compiling_the_torch_backend_is_limited_only_on_request() -> None:
     case = bench.Case("cpu", "fp32", 4096, 32000)
-    candidates = bench.build_candidates(case, ["precision"], ["precision"], compile_enabled=True,
-                                        compile_max_elements=bench.DEFAULT_COMPILE_MAX_ELEMENTS)
-    compiled = next(c for c in candidates if c.candidate == "torch.compile(precision_ce)")
-    assert compiled.make is None and "--compile-max-elements" in compiled.skip
+    for limit, skipped in ((bench.DEFAULT_COMPILE_MAX_ELEMENTS, False), (1 << 23, True)):
+        candidates = bench.build_candidates(case, ["precision"], ["precision"], compile_enabled=True,
+                                            compile_max_elements=limit)
+        compiled = next(c for c in candidates if c.candidate == "torch.compile(precision_ce)")
+        assert (compiled.make is None) == skipped
+        assert skipped == ("--compile-max-elements" in (compiled.skip or ""))
 
 
 def test_bad_arguments_exit_with_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

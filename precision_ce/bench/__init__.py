@@ -7,7 +7,7 @@ For every case (device, dtype, tokens N, vocabulary V) the harness builds random
 * ``torch.compile(F.cross_entropy)`` where compilation works;
 * ``precision_ce.cross_entropy(x, t, config=PRESETS[name], backend="torch")`` for each preset;
 * the same with ``backend="triton"`` (CUDA only; the Triton interpreter on CPU is far too slow);
-* ``torch.compile`` of the torch backend, for small cases only (Dynamo unrolls its row-chunk loop);
+* ``torch.compile`` of the torch backend (a custom op: Dynamo does not unroll its row-chunk loop);
 * Liger-Kernel's ``LigerCrossEntropyLoss`` when installed (CUDA only).
 
 Fused-linear cases (``--linear-shapes``, tokens N x hidden D x vocabulary V) give hidden states

@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"'none' (default cpu: {DEFAULT_COMPILE_PRESETS['cpu']}; cuda: all)")
     parser.add_argument("--compile-max-elements", type=int, default=DEFAULT_COMPILE_MAX_ELEMENTS,
                         help="compile the torch backend only when tokens*vocab is at most this "
-                             f"(default {DEFAULT_COMPILE_MAX_ELEMENTS}; compile time grows with it)")
+                             "(default: no limit)")
     parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile candidate")
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="cpu: seconds one timing sample lasts at least, by repeating the call")
