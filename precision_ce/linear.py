@@ -25,19 +25,20 @@ weights. Neither pass synchronises with the host on CUDA (no data-dependent Pyth
 from __future__ import annotations
 
 import dataclasses
-from types import ModuleType
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.library import custom_op, register_autograd
 
 from . import reference
 from .api import (
     EXACT_DTYPES,
     REDUCTIONS,
     Backend,
-    _backend_module,
+    _backend,
     _check_target_range,
     _check_tensors,
     _describe,
@@ -48,7 +49,18 @@ from .api import (
     result_dtype,
 )
 from .config import LossParams, RewardConfig
-from .ops import rescale_z_loss
+from .ops import (
+    SECOND_DERIVATIVE,
+    STATE_FIELDS,
+    STATS_FIELDS,
+    DoubleBackwardError,
+    LossOutputs,
+    no_double_backward,
+    params_args,
+    params_from,
+    rescale_z_loss,
+    triton_backend,
+)
 from .reference import RowStats
 
 MIN_CHUNK_BYTES = 16 << 20
@@ -96,19 +108,53 @@ class _TorchCrossEntropy:
         return grad
 
 
+class _FusedReference:
+    """The torch backend with each row chunk compiled once by Inductor (``reference.fused_rows``):
+    what the linear ops run inside a torch.compile'd graph, as ``ops.loss_rows`` does."""
+
+    RowState = reference.RowState
+    forward = staticmethod(functools.partial(reference.forward, fused=True))
+    backward = staticmethod(functools.partial(reference.backward, fused=True))
+
+
+CHUNK_BACKENDS: dict[str, Any] = {
+    "torch": reference, "torch_fused": _FusedReference, "torch_ce": _TorchCrossEntropy,
+    "triton": triton_backend,
+}
+"""What runs the loss on a chunk's logits: a module or class with the backends' ``forward`` /
+``backward`` / ``RowState``. The linear ops take the key."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What the autograd function needs besides the tensors."""
+    """Everything but the tensors: what the chunk loops, the autograd function and the ops need."""
 
     params: LossParams
-    backend: ModuleType | type[_TorchCrossEntropy]
+    backend: str  # a key of CHUNK_BACKENDS
     reduction: str
     chunk_rows: int
     matmul_dtype: torch.dtype  # the logits' dtype: the input's, or autocast's
     with_stats: bool
 
+    @property
+    def chunk_backend(self) -> Any:
+        return CHUNK_BACKENDS[self.backend]
+
     def chunks(self, rows: int) -> list[slice]:
-        return [slice(start, min(start + self.chunk_rows, rows)) for start in range(0, rows, self.chunk_rows)]
+        # At least one (empty) chunk: zero rows still give empty losses, state and stats of the right dtypes.
+        return [slice(start, min(start + self.chunk_rows, rows)) for start in range(0, max(rows, 1), self.chunk_rows)]
+
+    def op_args(self) -> tuple[Any, ...]:
+        """The op schemas' scalar arguments, in order: backend, reduction, chunk_rows, matmul_dtype,
+        then ``ops.params_args`` and ``with_stats``."""
+        return (self.backend, self.reduction, self.chunk_rows, self.matmul_dtype,
+                *params_args(self.params), self.with_stats)
+
+    @classmethod
+    def from_op_args(cls, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
+                     *params_and_stats: Any) -> _Plan:
+        return cls(params_from(*params_and_stats[:-1]), backend, reduction, chunk_rows, matmul_dtype,
+                   params_and_stats[-1])
 
 
 def _no_autocast(device: torch.device) -> Any:
@@ -147,7 +193,8 @@ def _new_gradients(
 def _finish(
     grads: list[torch.Tensor | None], dtypes: tuple[torch.dtype | None, ...], upstream: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Scale by the upstream scalar gradient (None: already in) and return in the parameters' dtypes."""
+    """Scale by the upstream scalar gradient in place (None: already in) and return in the
+    parameters' dtypes."""
     out = []
     for grad, dtype in zip(grads, dtypes, strict=True):
         if grad is not None:
@@ -158,57 +205,100 @@ def _finish(
     return tuple(out)
 
 
+def _matmul_operands(
+    plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    cast = lambda t: None if t is None else t.to(plan.matmul_dtype)  # noqa: E731
+    return cast(input), cast(weight), cast(bias)
+
+
+def _reduce(plan: _Plan, rows_loss: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
+    if plan.reduction == "none":
+        return rows_loss
+    return rows_loss.sum() if plan.reduction == "sum" else rows_loss.sum() / denominator
+
+
+def _forward_chunks(
+    plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, list[torch.Tensor | None], Any, RowStats | None]:
+    """The forward pass over token chunks: (rows_loss (N,), grads, state, stats).
+
+    "mean"/"sum": grads are those of the reduced loss for an upstream gradient of 1 (one scalar,
+    so they can be formed here), [grad_input in the matmul dtype, grad_weight and grad_bias in fp32
+    (fp64 for fp64)], None where ``needs`` says so; state is None. "none": grads are None and state
+    is the backend's RowState of every row, for ``_backward_chunks``.
+    """
+    backend = plan.chunk_backend
+    folded = plan.reduction != "none" and any(needs)
+    with _no_autocast(input.device):
+        x_all, w, b = _matmul_operands(plan, input, weight, bias)
+        grads: list[torch.Tensor | None] = [None, None, None]
+        if folded:
+            grads = _new_gradients(plan, x_all, w, b, needs)
+            cdt = reference.compute_dtype(plan.matmul_dtype)
+            factor = (1.0 / denominator.to(cdt) if plan.reduction == "mean"
+                      else torch.ones((), dtype=cdt, device=input.device))
+        losses, states, stats = [], [], []
+        for chunk in plan.chunks(input.shape[0]):
+            x, t = x_all[chunk], target[chunk]
+            logits = F.linear(x, w, b)
+            loss, state, row_stats = backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
+            if z_scale is not None:
+                loss, state = rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
+            losses.append(loss)
+            if row_stats is not None:
+                stats.append(row_stats)
+            if folded:
+                g = backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
+                del logits
+                _chunk_gradients(g, x, w, grads, chunk)
+            elif plan.reduction == "none":
+                states.append(state)
+    state = backend.RowState(*map(torch.cat, zip(*states, strict=True))) if states else None
+    row_stats = RowStats(*map(torch.cat, zip(*stats, strict=True))) if stats else None
+    return torch.cat(losses), grads, state, row_stats
+
+
+def _backward_chunks(
+    plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, state: Any, grad_rows: torch.Tensor, needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """reduction="none": recompute each chunk's logits and apply the per-row upstream gradient.
+    Returns (grad_input, grad_weight, grad_bias) in the parameters' dtypes, None where not needed."""
+    backend = plan.chunk_backend
+    with _no_autocast(input.device):
+        x_all, w, b = _matmul_operands(plan, input, weight, bias)
+        grads = _new_gradients(plan, x_all, w, b, needs)
+        for chunk in plan.chunks(input.shape[0]):
+            x, t = x_all[chunk], target[chunk]
+            logits = F.linear(x, w, b)
+            chunk_state = backend.RowState(*(field[chunk] for field in state))
+            g = backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
+            del logits
+            _chunk_gradients(g, x, w, grads, chunk)
+    return _finish(grads, (input.dtype, weight.dtype, None if bias is None else bias.dtype), None)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Reduced loss of (N, D) hidden states through the (V, D) output layer; see the module doc."""
+    """Eager autograd of the fused loss (see the module doc). Its backward scales the gradients
+    stored by the forward pass in place, which a custom op's outputs do not allow: compiled code
+    calls the ops below instead."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, target, class_weight, denominator, z_scale, plan, needs):  # type: ignore[override]
-        rows = input.shape[0]
-        with _no_autocast(input.device):
-            x_all = input.to(plan.matmul_dtype)
-            w = weight.to(plan.matmul_dtype)
-            b = None if bias is None else bias.to(plan.matmul_dtype)
-            # Gradients in the forward pass for "mean"/"sum": the upstream gradient is one scalar.
-            folded = plan.reduction != "none" and any(needs)
-            factor = None
-            if folded:
-                cdt = reference.compute_dtype(plan.matmul_dtype)
-                factor = 1.0 / denominator.to(cdt) if plan.reduction == "mean" else torch.ones((), dtype=cdt,
-                                                                                            device=input.device)
-            grads = _new_gradients(plan, x_all, w, b, needs) if folded else [None, None, None]
-            losses, states, stats = [], [], []
-            for chunk in plan.chunks(rows):
-                x, t = x_all[chunk], target[chunk]
-                logits = F.linear(x, w, b)
-                loss, state, row_stats = plan.backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
-                if z_scale is not None:
-                    loss, state = rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
-                losses.append(loss)
-                if row_stats is not None:
-                    stats.append(row_stats)
-                if folded:
-                    g = plan.backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
-                    del logits
-                    _chunk_gradients(g, x, w, grads, chunk)
-                elif plan.reduction == "none" and any(needs):
-                    states.append(state)
-        rows_loss = torch.cat(losses) if losses else input.new_zeros(0, dtype=torch.float32)
-        if plan.reduction == "none":
-            loss = rows_loss
-        elif plan.reduction == "sum":
-            loss = rows_loss.sum()
-        else:
-            loss = rows_loss.sum() / denominator
-        ctx.plan, ctx.needs, ctx.folded = plan, needs, folded
+        rows_loss, grads, state, stats = _forward_chunks(plan, input, weight, bias, target, class_weight,
+                                                         denominator, z_scale, needs)
+        ctx.plan, ctx.needs, ctx.folded = plan, needs, plan.reduction != "none"
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if folded:
+        if ctx.folded:
             ctx.grads = grads
-        elif plan.reduction == "none" and any(needs):
-            state = type(states[0])(*map(torch.cat, zip(*states, strict=True))) if states else None
-            ctx.save_for_backward(input, weight, bias, target, class_weight, *(state or ()))
-        row_stats = tuple(map(torch.cat, zip(*stats, strict=True))) if stats else ()
+        elif any(needs):
+            ctx.save_for_backward(input, weight, bias, target, class_weight, *state)
+        row_stats = tuple(stats or ())
         ctx.mark_non_differentiable(*row_stats)
-        return (loss, *row_stats)
+        return (_reduce(plan, rows_loss, denominator), *row_stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -223,27 +313,157 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 )
             grads, ctx.grads = ctx.grads, None  # scaled in place below, so handed out once
             return (*_finish(grads, ctx.dtypes, grad_loss), *nothing)
-        return (*_recompute_backward(ctx, grad_loss), *nothing)
+        input, weight, bias, target, class_weight, *state = ctx.saved_tensors
+        return (*_backward_chunks(ctx.plan, input, weight, bias, target, class_weight, state, grad_loss,
+                                  ctx.needs), *nothing)
 
 
-def _recompute_backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """reduction="none": recompute each chunk's logits and apply the per-row upstream gradient."""
-    plan: _Plan = ctx.plan
+# --- custom ops: what torch.compile sees -------------------------------------------------------
+#
+# Dynamo would trace the autograd function above and unroll its chunk loop (and the backend's
+# own loop in each chunk): compile time growing with N. Compiled code calls these opaque ops
+# instead, one graph node each, with the same chunk loops inside:
+#   linear_reduced        "mean"/"sum": (loss, grad_input, grad_weight, grad_bias, *RowStats), the
+#                         gradients formed for an upstream gradient of 1 and scaled in backward
+#   linear_rows           "none": (rows_loss, *RowState, *RowStats)
+#   linear_rows_backward  its gradient (grad_input, grad_weight, grad_bias), logits recomputed
+# The schemas end with ``_Plan.op_args``. A gradient not asked for (``needs``), a None bias's, and
+# the stats without ``with_stats`` are empty tensors: an op returns a fixed number of tensors.
+
+
+@custom_op("precision_ce::linear_reduced", mutates_args=())
+def linear_reduced(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
+    needs: list[bool], backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, beta: float,
+    k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+) -> tuple[(torch.Tensor,) * (4 + STATS_FIELDS)]:  # type: ignore[valid-type]
+    plan = _Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
+                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    rows_loss, grads, _, stats = _forward_chunks(plan, input, weight, bias, target, class_weight, denominator,
+                                                 z_scale, tuple(needs))
+    return (_reduce(plan, rows_loss, denominator), *(input.new_empty(0) if g is None else g for g in grads),
+            *(stats or _no_stats(input)))
+
+
+@linear_reduced.register_fake
+def _linear_reduced_fake(input, weight, bias, target, class_weight, denominator, z_scale, needs, backend,
+                         reduction, chunk_rows, matmul_dtype, *params_and_stats):
+    accumulate = reference.compute_dtype(matmul_dtype)
+    sized = lambda needed, shape, dtype: input.new_empty(shape if needed else (0,), dtype=dtype)  # noqa: E731
+    return (input.new_empty((), dtype=accumulate),
+            sized(needs[0], input.shape, matmul_dtype),
+            sized(needs[1], weight.shape, accumulate),
+            sized(needs[2] and bias is not None, weight.shape[:1], accumulate),
+            *_stats_fake(input, params_and_stats[-1]))
+
+
+@custom_op("precision_ce::linear_rows", mutates_args=())
+def linear_rows(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
+    beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+) -> LossOutputs:
+    plan = _Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
+                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    rows_loss, _, state, stats = _forward_chunks(plan, input, weight, bias, target, class_weight, None, None,
+                                                 (False,) * 3)
+    return (rows_loss, *state, *(stats or _no_stats(input)))
+
+
+@linear_rows.register_fake
+def _linear_rows_fake(input, weight, bias, target, class_weight, backend, reduction, chunk_rows, matmul_dtype,
+                      *params_and_stats):
+    rows, cdt = input.shape[0], reference.compute_dtype(matmul_dtype)
+    # The backends' RowState dtypes (reference.forward, triton_backend.forward).
+    state_dtypes = ((torch.float32,) * 6 + (torch.int64, torch.int32) if backend == "triton"
+                    else (cdt,) * 7 + (torch.long,))
+    return (input.new_empty(rows, dtype=cdt), *(input.new_empty(rows, dtype=d) for d in state_dtypes),
+            *_stats_fake(input, params_and_stats[-1]))
+
+
+@custom_op("precision_ce::linear_rows_backward", mutates_args=())
+def linear_rows_backward(
+    grad_rows: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    target: torch.Tensor, class_weight: torch.Tensor | None, state: list[torch.Tensor], needs: list[bool],
+    backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, beta: float, k: int,
+    lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: float | None, with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = _Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
+                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    grads = _backward_chunks(plan, input, weight, bias, target, class_weight, state, grad_rows, tuple(needs))
+    return tuple(input.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+@linear_rows_backward.register_fake
+def _linear_rows_backward_fake(grad_rows, input, weight, bias, target, class_weight, state, needs, *plan_args):
+    return tuple(t.new_empty(t.shape if needed and t is not None else (0,)) if t is not None
+                 else input.new_empty(0) for t, needed in zip((input, weight, bias), needs, strict=True))
+
+
+def _no_stats(input: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(input.new_empty(0, dtype=torch.float32) for _ in range(STATS_FIELDS))
+
+
+def _stats_fake(input: torch.Tensor, with_stats: bool) -> tuple[torch.Tensor, ...]:
+    return tuple(input.new_empty(input.shape[0] if with_stats else 0, dtype=torch.float32)
+                 for _ in range(STATS_FIELDS))
+
+
+def _save_reduced(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    ctx.save_for_backward(*output[1:4])
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs[:3])
+    ctx.input_count = len(inputs)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _scale_reduced(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    if torch.is_grad_enabled():  # create_graph=True: the scaled gradients would miss their own derivative
+        raise DoubleBackwardError("precision_ce::linear_reduced: " + SECOND_DERIVATIVE)
+    grads = tuple((g * grad_loss.to(g.dtype)).to(dtype) if needed else None
+                  for g, dtype, needed in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad, strict=False))
+    return (*grads, *(None,) * (ctx.input_count - 3))
+
+
+def _save_rows(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    ctx.save_for_backward(*inputs[:5], *output[1:1 + STATE_FIELDS])
+    ctx.plan_args = inputs[5:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _rows_gradient(ctx: Any, grad_rows: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     input, weight, bias, target, class_weight, *state = ctx.saved_tensors
-    state = plan.backend.RowState(*state) if state else None  # None: no rows or no state
-    with _no_autocast(input.device):
-        x_all = input.to(plan.matmul_dtype)
-        w = weight.to(plan.matmul_dtype)
-        b = None if bias is None else bias.to(plan.matmul_dtype)
-        grads = _new_gradients(plan, x_all, w, b, ctx.needs)
-        for chunk in plan.chunks(input.shape[0]):
-            x, t = x_all[chunk], target[chunk]
-            logits = F.linear(x, w, b)
-            chunk_state = state and state._replace(**{f: getattr(state, f)[chunk] for f in state._fields})
-            g = plan.backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
-            del logits
-            _chunk_gradients(g, x, w, grads, chunk)
-    return _finish(grads, ctx.dtypes, None)
+    needs = list(ctx.needs_input_grad[:3])
+    grads = linear_rows_backward(grad_rows, input, weight, bias, target, class_weight, state, needs,
+                                 *ctx.plan_args)
+    return (*(g if needed else None for g, needed in zip(grads, needs, strict=True)),
+            *(None,) * (2 + len(ctx.plan_args)))
+
+
+register_autograd(linear_reduced, _scale_reduced, setup_context=_save_reduced)
+register_autograd(linear_rows, _rows_gradient, setup_context=_save_rows)
+register_autograd(linear_rows_backward, no_double_backward("precision_ce::linear_rows_backward"))
+
+
+def _op_outputs(
+    plan: _Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, ...]:
+    """(loss, *RowStats) through the ops, as ``_LinearCrossEntropy.apply`` gives them eagerly."""
+    if plan.backend in ("torch", "torch_ce"):
+        # Compiled chunks, as ops.loss_rows runs in compiled code. Not torch_ce: an op's body runs
+        # below autograd, where its backward (autograd of F.cross_entropy) cannot record a graph.
+        plan = dataclasses.replace(plan, backend="torch_fused")
+    if plan.reduction == "none":
+        outputs = linear_rows(input, weight, bias, target, class_weight, *plan.op_args())
+        return (outputs[0], *outputs[1 + STATE_FIELDS:])
+    outputs = linear_reduced(input, weight, bias, target, class_weight, denominator, z_scale, list(needs),
+                             *plan.op_args())
+    return (outputs[0], *outputs[4:])
 
 
 def _check_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor) -> None:
@@ -343,12 +563,12 @@ def linear_cross_entropy(
     # A zero-stride stand-in for the logits: the shared checks of cross_entropy, without the memory.
     logits_like = torch.empty((), dtype=matmul_dtype, device=input.device).expand(rows, vocab)
     _check_tensors(logits_like, rows_target, class_weight)
-    chosen = _backend_module(backend, logits_like)
-    if check_targets or (check_targets is None and (not input.is_cuda or chosen is reference)):
+    chosen = _backend(backend, logits_like)
+    if check_targets or (check_targets is None and (not input.is_cuda or chosen == "torch")):
         _check_target_range(rows_target, vocab, ignore_index)
     rows_target = rows_target.long()
-    if chosen is reference and params.is_plain_cross_entropy and not return_stats and matmul_dtype in EXACT_DTYPES:
-        chosen = _TorchCrossEntropy  # cross_entropy's own fast path, per chunk
+    if chosen == "torch" and params.is_plain_cross_entropy and not return_stats and matmul_dtype in EXACT_DTYPES:
+        chosen = "torch_ce"  # cross_entropy's own fast path, per chunk
 
     denominator = z_scale = None
     if reduction == "mean":
@@ -359,8 +579,16 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    outputs = _LinearCrossEntropy.apply(x, weight, bias, rows_target, class_weight, denominator, z_scale,
-                                        plan, needs)
+    arguments = (x, weight, bias, rows_target, class_weight, denominator, z_scale)
+    if torch.compiler.is_compiling():
+        outputs = _op_outputs(plan, *arguments, needs)
+    elif any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (input, weight, bias)):
+        raise NotImplementedError(
+            "linear_cross_entropy does not run under torch.func transforms (grad, vmap, ...): its "
+            "gradients are formed in the forward pass; use precision_ce.cross_entropy(F.linear(...)) there"
+        )
+    else:
+        outputs = _LinearCrossEntropy.apply(*arguments, plan, needs)
     loss = outputs[0].to(result_dtype(logits_like))
     if reduction == "none":
         loss = loss.reshape(target.shape)

@@ -23,10 +23,12 @@ backward through the backward op raises ``DoubleBackwardError`` instead of retur
 number. ``vmap`` runs the ops once per batch entry (``register_vmap``).
 
 Op schemas take scalars, not dataclasses: ``LossParams`` is flattened by ``params_args`` and
-rebuilt by ``params_from``. A new op over the same loss (e.g. a fused linear + loss) registers
-the same way: a forward op returning (loss, *RowState, *RowStats), a backward op, and
-``register_loss_autograd(forward_op, backward_op, passed=...)``, which returns the
-differentiable forward (see its docstring for the argument order it expects).
+rebuilt by ``params_from``. Another op pair over the same logits-shaped loss registers the same
+way: a forward op returning (loss, *RowState, *RowStats), a backward op, and
+``register_loss_autograd(forward_op, backward_op, passed=...)``, which returns the differentiable
+forward (see its docstring for the argument order it expects). The fused linear + loss
+(``precision_ce.linear``) has ops of its own: its "mean"/"sum" op forms the gradients in the
+forward pass, which this contract does not describe.
 """
 
 from __future__ import annotations
@@ -57,6 +59,22 @@ LossOutputs = tuple[(torch.Tensor,) * (1 + STATE_FIELDS + STATS_FIELDS)]  # type
 
 class DoubleBackwardError(RuntimeError):
     """A second derivative was asked for; the loss provides first derivatives only."""
+
+
+SECOND_DERIVATIVE = (
+    "a second derivative (a backward through a gradient taken with create_graph=True, or nested "
+    "torch.func.grad) is not implemented; the loss's weights are stop-gradient constants and it "
+    "provides first derivatives only"
+)
+
+
+def no_double_backward(op_name: str) -> Callable[..., None]:
+    """An autograd formula for a backward op: raises ``DoubleBackwardError`` naming ``op_name``."""
+
+    def refuse(ctx: Any, *grads: torch.Tensor) -> None:
+        raise DoubleBackwardError(f"{op_name}: {SECOND_DERIVATIVE}")
+
+    return refuse
 
 
 def params_args(params: LossParams) -> tuple[float, int, float, float, str, int, float, float, float | None]:
@@ -207,16 +225,14 @@ if triton_backend is not None:
 
 
 def register_loss_autograd(
-    forward_op: Any, backward_op: Any, passed: int, differentiable: int = 1,
+    forward_op: Any, backward_op: Any, passed: int,
 ) -> Callable[..., tuple[torch.Tensor, ...]]:
     """Autograd and vmap of a loss op pair whose forward returns (loss, *RowState, *RowStats).
 
     The forward op's first ``passed`` inputs are tensors that the backward op takes, in order,
-    after ``grad_rows``; the first ``differentiable`` of them get gradients: the backward op
-    returns one tensor (the logits' gradient) or, for more, a tuple (e.g. a fused linear + loss:
-    hidden states and the output layer's weight). The forward op's last inputs are the
-    ``params_args`` scalars and ``with_stats``, which the backward op takes after the state
-    (without ``with_stats``).
+    after ``grad_rows``; the first of them, the logits, gets the gradient that the backward op
+    returns. The forward op's last inputs are the ``params_args`` scalars and ``with_stats``,
+    which the backward op takes after the state (without ``with_stats``).
 
     Returns the function to call: the forward op, or under torch.func transforms the same formula
     as an ``autograd.Function`` (custom ops' own autograd does not compose with functorch in
@@ -231,23 +247,16 @@ def register_loss_autograd(
 
     def differentiate(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
-        grads = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
-        grads = (grads,) if differentiable == 1 else tuple(grads)
-        return (*grads, *(None for _ in range(ctx.input_count - differentiable)))
+        grad = call_backward(grad_loss, *saved[:passed], list(saved[passed:]), *ctx.params)
+        return (grad, *(None for _ in range(ctx.input_count - 1)))
 
-    def no_double_backward(ctx: Any, *grads: torch.Tensor) -> None:
-        raise DoubleBackwardError(
-            f"{backward_op._qualname}: a second derivative (a backward through a gradient taken with "
-            "create_graph=True, or nested torch.func.grad) is not implemented; the loss's weights are "
-            "stop-gradient constants and it provides first derivatives only"
-        )
-
+    refuse = no_double_backward(backward_op._qualname)
     register_autograd(forward_op, differentiate, setup_context=save)
-    register_autograd(backward_op, no_double_backward)
+    register_autograd(backward_op, refuse)
     _register_loop_vmap(forward_op)
     _register_loop_vmap(backward_op)
     forward_function = _functorch_function(forward_op, save, differentiate)
-    backward_function = _functorch_function(backward_op, lambda ctx, inputs, output: None, no_double_backward)
+    backward_function = _functorch_function(backward_op, lambda ctx, inputs, output: None, refuse)
 
     def call_backward(*args: Any) -> Any:
         return _call(backward_op, backward_function, args)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: install, run the test suite on CUDA (compiled kernels), run the
-# benchmarks, write everything under OUT_DIR. Sized for well under 8 minutes on an H200.
+# benchmarks, write everything under OUT_DIR as it goes. Steps run in order of importance, each under
+# its own timeout (15.5 minutes in all, more than one device call allows: a call cut short still
+# returns what the steps before it wrote). Not yet run on a GPU.
 #   Usage: scripts/gpu_check.sh OUT_DIR
 #   On the device tool: run(command="bash scripts/gpu_check.sh $OUT", carry=[".whl"], timeout_s=540)
 # Peers for the side-by-side (e.g. liger-kernel) travel as wheels in .whl/ (see docs/benchmarks.md).
@@ -43,6 +45,13 @@ timeout 120 python3 -m precision_ce.cli bench --device cuda --shapes none --line
     --linear-presets cross_entropy,precision,tail_penalty --out "$out/bench_linear" 2>&1 \
     | tee "$out/bench_linear.log" | tail -n 30
 [ "${PIPESTATUS[0]}" -eq 0 ] || bench_status=1
+
+# torch.compile: first-call time and compiled speed against torch.compile(F.cross_entropy), then of the
+# fused linear + loss against torch.compile(F.linear + F.cross_entropy) (docs/pytorch.md).
+timeout 90 python3 scripts/bench_compile.py --device cuda --dtype bfloat16 --rows 8192 --vocab 128256 --repeats 3 \
+    --out "$out/compile.csv" 2>&1 | tee "$out/compile.log" | tail -n 5
+timeout 90 python3 scripts/bench_compile.py --device cuda --dtype bfloat16 --rows 8192 --hidden 4096 --vocab 128256 \
+    --repeats 3 --out "$out/compile_linear.csv" 2>&1 | tee "$out/compile_linear.log" | tail -n 8
 
 echo "tests exit $tests_status, bench exit $bench_status" | tee -a "$out/env.txt"
 [ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

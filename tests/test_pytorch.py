@@ -32,34 +32,38 @@ def make_inputs(form: str, vocab: int = 24, dtype: torch.dtype = torch.float32, 
     return logits, random_targets(7, vocab, seed=seed, ignore_every=3)
 
 
-def assert_compiled_matches_eager(cases: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
-    """Each case's loss (and stats) and gradient, eager vs torch.compile(fullgraph=True).
+def assert_compiled_matches_eager(cases: list[tuple[dict, dict]], loss_fn=cross_entropy) -> None:
+    """Each case's loss (and stats) and gradients, eager vs torch.compile(fullgraph=True).
 
-    All cases go into one compiled function (one graph, one C++ build on the CPU): compile
-    time, not the cases, dominates these tests.
+    A case is (leaves, constants): ``loss_fn(**leaves, **constants)``, with gradients for the
+    tensors in ``leaves``. All cases go into one compiled function (one graph, one C++ build on the
+    CPU): compile time, not the cases, dominates these tests.
     """
 
     # Every call compiles a new closure of the same code object: start from a clean Dynamo cache,
     # or a long grid hits Dynamo's recompile cap (8 per code object) in this helper.
     torch._dynamo.reset()
 
-    def losses(xs: list[torch.Tensor]) -> list:
-        return [cross_entropy(x, target, **kwargs) for x, (_, target, kwargs) in zip(xs, cases, strict=True)]
+    def losses(all_leaves: list[dict]) -> list:
+        return [loss_fn(**leaves, **constants) for leaves, (_, constants) in zip(all_leaves, cases, strict=True)]
 
     results = []
     for run in (losses, torch.compile(losses, fullgraph=True)):
-        xs = [logits.detach().clone().requires_grad_() for logits, _, _ in cases]
-        outputs = run(xs)
+        all_leaves = [{name: t.detach().clone().requires_grad_() for name, t in leaves.items()}
+                      for leaves, _ in cases]
+        outputs = run(all_leaves)
         total = sum((out[0] if isinstance(out, tuple) else out).sum() for out in outputs)
-        results.append((outputs, torch.autograd.grad(total, xs)))
+        flat = [t for leaves in all_leaves for t in leaves.values()]
+        results.append((outputs, torch.autograd.grad(total, flat)))
     (want, want_grads), (got, got_grads) = results
-    for got_out, want_out, got_grad, want_grad in zip(got, want, got_grads, want_grads, strict=True):
+    for got_out, want_out in zip(got, want, strict=True):
         if isinstance(want_out, tuple):  # return_stats
             for got_part, want_part in zip(got_out[1], want_out[1], strict=True):
                 torch.testing.assert_close(got_part, want_part)
             want_out, got_out = want_out[0], got_out[0]
         assert got_out.dtype == want_out.dtype and got_out.shape == want_out.shape
         torch.testing.assert_close(got_out, want_out)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
         assert got_grad.dtype == want_grad.dtype
         torch.testing.assert_close(got_grad, want_grad)
 
@@ -71,7 +75,8 @@ def _case(preset: str, form: str, reduction: str, dtype: torch.dtype, options: d
     fields = {"positive_reward": options.pop("positive_reward")} if "positive_reward" in options else {}
     if options.pop("weight", False):
         options["weight"] = torch.rand(vocab, generator=torch.Generator().manual_seed(3), dtype=dtype) + 0.5
-    return logits, target, {"config": precision_ce.preset(preset, k=5, **fields), "reduction": reduction, **options}
+    return {"input": logits}, {"target": target, "config": precision_ce.preset(preset, k=5, **fields),
+                               "reduction": reduction, **options}
 
 
 # Default run: every preset, input form, reduction, dtype and option at least once, in one graph.
@@ -91,8 +96,8 @@ def test_compiled_fullgraph_matches_eager(monkeypatch) -> None:
     # Chunks of a few rows, so that compiled code runs several fused chunks and a shorter last one.
     monkeypatch.setattr(reference, "FUSED_CHUNK_ELEMENTS", 50)
     probabilities = torch.softmax(random_logits(5, 9, seed=5).float(), -1)
-    probability_case = (random_logits(5, 9, seed=4).float(), probabilities,
-                        {"z_loss": 1e-3, "softcap": 5.0, "label_smoothing": 0.1})
+    probability_case = ({"input": random_logits(5, 9, seed=4).float()},
+                        {"target": probabilities, "z_loss": 1e-3, "softcap": 5.0, "label_smoothing": 0.1})
     assert_compiled_matches_eager([*(_case(*case) for case in QUICK_CASES), probability_case])
 
 
@@ -178,6 +183,106 @@ def test_torch_op_checks_targets_itself() -> None:
     args[1][2] = 11
     with pytest.raises(ValueError, match=r"class index 11, outside \[0, 11\)"):
         torch.ops.precision_ce.torch_forward(*args)
+
+
+# --- the fused linear + loss under compile ----------------------------------------------------
+
+
+def _linear_case(preset: str, reduction: str, dtype: torch.dtype, options: dict, bias: bool = True,
+                 frozen: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """linear_cross_entropy on (2, 5, 8) hidden states, V = 24, chunks of 4 rows; ``frozen`` names
+    the layer tensors passed without requiring grad."""
+    generator = torch.Generator().manual_seed(6)
+    tensors = {"input": torch.randn(2, 5, 8, generator=generator).to(dtype),
+               "weight": (torch.randn(24, 8, generator=generator) * 0.7).to(dtype)}
+    if bias:
+        tensors["bias"] = (torch.randn(24, generator=generator) * 0.3).to(dtype)
+    options = dict(options)
+    if options.pop("class_weight", False):
+        options["class_weight"] = torch.rand(24, generator=generator, dtype=dtype) + 0.5
+    constants = {"target": random_targets(10, 24, seed=6, ignore_every=3).reshape(2, 5),
+                 "config": precision_ce.preset(preset, k=5), "reduction": reduction, "chunk_size": 4, **options}
+    leaves = {name: t for name, t in tensors.items() if name not in frozen}
+    return leaves, {**{name: tensors[name] for name in frozen}, **constants}
+
+
+# Every preset, reduction and option at least once, frozen layers, 16-bit and fp64, in one graph.
+LINEAR_QUICK_CASES = [
+    ("cross_entropy", "mean", torch.float32, {}),  # F.cross_entropy per chunk
+    ("cross_entropy", "none", torch.float32, {"label_smoothing": 0.1}),
+    ("precision", "sum", torch.bfloat16, {}),
+    ("tail_penalty", "mean", torch.float32, {"class_weight": True, **ALL_OPTIONS}),  # z-loss rescaled
+    ("head_reward", "none", torch.float64, {"return_stats": True, "positive_reward": "focal"}),
+    ("diversity", "mean", torch.float32, {"return_stats": True}, False, ("weight",)),
+    ("tail_penalty", "none", torch.bfloat16, {"z_loss": 1e-3}, True, ("input",)),
+]
+
+
+def test_linear_compiled_fullgraph_matches_eager(monkeypatch) -> None:
+    monkeypatch.setattr(reference, "FUSED_CHUNK_ELEMENTS", 50)  # several fused row chunks per token chunk
+    cases = []
+    for preset, reduction, dtype, options, *layer in LINEAR_QUICK_CASES:
+        options = dict(options)
+        fields = {"positive_reward": options.pop("positive_reward")} if "positive_reward" in options else {}
+        leaves, constants = _linear_case(preset, reduction, dtype, options, *layer)
+        constants["config"] = precision_ce.preset(preset, k=5, **fields)
+        cases.append((leaves, constants))
+    assert_compiled_matches_eager(cases, loss_fn=precision_ce.linear_cross_entropy)
+
+
+def test_linear_dynamo_sees_no_graph_break() -> None:
+    leaves, constants = _linear_case("tail_penalty", "mean", torch.float32, {"class_weight": True, **ALL_OPTIONS})
+
+    def loss(input, weight, bias):
+        return precision_ce.linear_cross_entropy(input, weight, bias=bias, **constants)
+
+    explanation = torch._dynamo.explain(loss)(**leaves)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+def _linear_op_args(with_stats: bool) -> tuple[torch.Tensor | None, ...]:
+    leaves, constants = _linear_case("tail_penalty", "mean", torch.float64, {"class_weight": True})
+    x, w, b = (t.detach().requires_grad_() for t in (leaves["input"].reshape(-1, 8), leaves["weight"], leaves["bias"]))
+    params = precision_ce.LossParams(RewardConfig(beta=-0.25, k=3, lambda_head=0.1, lambda_tail=-0.1),
+                                     label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    return (x, w, b, constants["target"].reshape(-1), constants["class_weight"],
+            ("torch", "none", 4, torch.float64, *ops.params_args(params), with_stats))
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_opcheck_linear_ops(with_stats: bool) -> None:
+    x, w, b, target, class_weight, (backend, _, chunk_rows, dtype, *params) = _linear_op_args(with_stats)
+    layer = (x, w, b, target, class_weight)
+    reduced_args = (*layer, torch.tensor(5.5, dtype=dtype), torch.tensor(0.9, dtype=dtype), [True, True, True],
+                    backend, "mean", chunk_rows, dtype, *params)
+    torch.library.opcheck(torch.ops.precision_ce.linear_reduced.default, reduced_args)
+    rows_args = (*layer, backend, "none", chunk_rows, dtype, *params)
+    torch.library.opcheck(torch.ops.precision_ce.linear_rows.default, rows_args)
+    state = list(torch.ops.precision_ce.linear_rows(*rows_args)[1:1 + ops.STATE_FIELDS])
+    grad_rows = torch.rand(x.shape[0], dtype=dtype)
+    for needs in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.precision_ce.linear_rows_backward.default,
+                              (grad_rows, *(t.detach() for t in layer[:3]), target, class_weight, state, needs,
+                               *rows_args[5:]))
+
+
+def test_linear_ops_refuse_a_second_derivative() -> None:
+    x, w, b, target, class_weight, (backend, _, chunk_rows, dtype, *params) = _linear_op_args(False)
+    layer = (x, w, b, target, class_weight)
+    loss = torch.ops.precision_ce.linear_reduced(*layer, torch.tensor(5.5, dtype=dtype), None, [True, True, True],
+                                                 backend, "mean", chunk_rows, dtype, *params)[0]
+    with pytest.raises(ops.DoubleBackwardError, match="second derivative"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    rows = torch.ops.precision_ce.linear_rows(*layer, backend, "none", chunk_rows, dtype, *params)[0]
+    (grad,) = torch.autograd.grad(rows.sum(), x, create_graph=True)
+    with pytest.raises(ops.DoubleBackwardError, match="second derivative"):
+        grad.square().sum().backward()
+
+
+def test_linear_under_torch_func_is_a_clear_error() -> None:
+    leaves, constants = _linear_case("precision", "mean", torch.float32, {})
+    with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
+        torch.func.grad(lambda x: precision_ce.linear_cross_entropy(x, leaves["weight"], **constants))(leaves["input"])
 
 
 # --- meta and fake tensors --------------------------------------------------------------------
@@ -280,7 +385,19 @@ def test_cuda_compiled_triton_ops_match_eager(preset: str, dtype: torch.dtype) -
     logits = random_logits(64, 1000, seed=12).to("cuda", dtype)
     target = random_targets(64, 1000, seed=12, ignore_every=5).cuda()
     weight = torch.rand(1000, device="cuda") + 0.5
-    assert_compiled_matches_eager([(logits, target, {"weight": weight, "config": PRESETS[preset], **ALL_OPTIONS})])
+    assert_compiled_matches_eager([({"input": logits}, {"target": target, "weight": weight, "config": PRESETS[preset],
+                                                        **ALL_OPTIONS})])
+
+
+@cuda_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_compiled_linear_matches_eager(reduction: str) -> None:
+    cases = []
+    for preset, dtype in (("cross_entropy", torch.bfloat16), ("tail_penalty", torch.float32)):
+        leaves, constants = _linear_case(preset, reduction, dtype, {"class_weight": True, **ALL_OPTIONS})
+        cases.append(({name: t.cuda() for name, t in leaves.items()},
+                      {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in constants.items()}))
+    assert_compiled_matches_eager(cases, loss_fn=precision_ce.linear_cross_entropy)
 
 
 @cuda_only

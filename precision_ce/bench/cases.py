@@ -56,41 +56,31 @@ TRITON_CPU_SKIP = (
 
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"4096x32000,1024x8192"`` -> ``[(4096, 32000), (1024, 8192)]`` (tokens, vocab)."""
+def _parse_sizes(text: str, names: str, example: str, what: str) -> list[tuple[int, ...]]:
+    """Comma-separated ``AxB[xC]`` items, each of ``len(names.split("x"))`` positive sizes."""
+    count = len(names.split("x"))
     shapes = []
     for item in text.split(","):
         item = item.strip().lower()
         if not item:
             continue
         parts = item.split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"shape {item!r} is not TOKENSxVOCAB, e.g. 4096x32000")
-        tokens, vocab = (int(p) for p in parts)
-        if tokens < 1 or vocab < 1:
-            raise ValueError(f"shape {item!r} must have tokens >= 1 and vocab >= 1")
-        shapes.append((tokens, vocab))
+        if len(parts) != count or not all(p.strip().isdigit() for p in parts) or min(map(int, parts)) < 1:
+            raise ValueError(f"{what} {item!r} is not {names} of positive sizes, e.g. {example}")
+        shapes.append(tuple(int(p) for p in parts))
     if not shapes:
-        raise ValueError("no shapes given")
+        raise ValueError(f"no {what}s given")
     return shapes
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4096x32000,1024x8192"`` -> ``[(4096, 32000), (1024, 8192)]`` (tokens, vocab)."""
+    return _parse_sizes(text, "TOKENSxVOCAB", "4096x32000", "shape")  # type: ignore[return-value]
 
 
 def parse_linear_shapes(text: str) -> list[tuple[int, int, int]]:
     """``"4096x256x32000"`` -> ``[(4096, 256, 32000)]`` (tokens, hidden, vocab)."""
-    shapes = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        parts = item.split("x")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts) or min(map(int, parts)) < 1:
-            raise ValueError(f"fused-linear shape {item!r} is not TOKENSxHIDDENxVOCAB of positive sizes, "
-                             "e.g. 4096x256x32000")
-        tokens, hidden, vocab = (int(p) for p in parts)
-        shapes.append((tokens, hidden, vocab))
-    if not shapes:
-        raise ValueError("no fused-linear shapes given")
-    return shapes
+    return _parse_sizes(text, "TOKENSxHIDDENxVOCAB", "4096x256x32000", "fused-linear shape")  # type: ignore[return-value]
 
 
 def parse_names(text: str, allowed: Sequence[str], what: str) -> list[str]:
