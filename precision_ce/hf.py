@@ -235,7 +235,8 @@ def apply(
     lm = causal_lm_of(model)
     loss = causal_lm_loss(config, log_stats=log_stats, **loss_kwargs)
     previous = getattr(lm, "_precision_ce", None)
-    if previous is not None:  # undo the last apply: the forward it wrapped, as it was
+    if previous is not None:  # undo the last apply: the forwards it wrapped, as they were
+        _remove_head_capture(previous.head)
         del lm.forward, lm._precision_ce
         if getattr(previous.original_forward, "__func__", None) is not type(lm).forward:
             lm.forward = previous.original_forward
@@ -264,6 +265,7 @@ def apply(
     if head is not None:
         lm._precision_ce = _Attached(loss, lm.forward, head, softcap)
         _wrap_forward(lm)
+        _install_head_capture(head)
     return model
 
 
@@ -376,27 +378,59 @@ class _Captured:
     hidden: torch.Tensor | None = None
 
 
+_CAPTURE = "_precision_ce_capture"
+"""The output layer's attribute that holds the active ``_Captured`` (None outside a capture)."""
+
+
+def _head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer's forward while ``apply``'s fused path is on: its own, or, inside
+    ``_capture_head_input``, keep ``hidden`` and return a meta tensor of the logits' shape."""
+    captured = getattr(self, _CAPTURE)
+    if captured is None:
+        return type(self).forward(self, hidden)
+    captured.hidden = hidden
+    # promote_types on the dtypes, not result_type on the tensors: Dynamo folds it (no graph break).
+    device = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(hidden.dtype, self.weight.dtype))
+    return torch.empty((*hidden.shape[:-1], self.out_features), dtype=dtype, device="meta")
+
+
+def _install_head_capture(head: nn.Linear) -> None:
+    # A method bound to the head: copy.deepcopy(model) rebinds it to the copy's head.
+    head.forward = types.MethodType(_head_forward, head)
+    setattr(head, _CAPTURE, None)
+
+
+def _remove_head_capture(head: nn.Linear) -> None:
+    del head.forward
+    delattr(head, _CAPTURE)
+
+
 @contextlib.contextmanager
 def _capture_head_input(head: nn.Linear) -> Iterator[_Captured]:
     """While active, ``head(x)`` keeps ``x`` and returns a meta tensor of the logits' shape: the
-    model's code after the output layer runs on shapes only, and no logits are allocated."""
+    model's code after the output layer runs on shapes only, and no logits are allocated.
+
+    ``apply`` installs ``_head_forward`` on a fused head once, so that a capture inside a
+    torch.compile'd forward only sets an attribute (Dynamo does not replay a forward set and
+    deleted within one trace). The probe, on any head and eagerly, installs it for its duration
+    and puts back an instance-level forward (a hook's) afterwards.
+    """
+    probing = _CAPTURE not in vars(head)
+    own_forward = vars(head).get("forward") if probing else None
+    if probing:
+        _install_head_capture(head)
     captured = _Captured()
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        captured.hidden = hidden
-        dtype = torch.result_type(hidden, head.weight) if not torch.is_autocast_enabled(hidden.device.type) \
-            else torch.get_autocast_dtype(hidden.device.type)
-        return torch.empty((*hidden.shape[:-1], head.out_features), dtype=dtype, device="meta")
-
-    own_forward = vars(head).get("forward")  # an instance-level forward (a hook's) comes back after
-    head.forward = forward
+    setattr(head, _CAPTURE, captured)
     try:
         yield captured
     finally:
-        if own_forward is None:
-            del head.forward
-        else:
-            head.forward = own_forward
+        setattr(head, _CAPTURE, None)
+        if probing:
+            _remove_head_capture(head)
+            if own_forward is not None:
+                head.forward = own_forward
 
 
 def _fused_forward(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:

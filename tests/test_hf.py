@@ -236,14 +236,35 @@ def test_compute_loss_func_equals_model_loss() -> None:
 def test_auto_class_and_reapply() -> None:
     model = hf.AutoPrecisionCEForCausalLM.from_config(tiny_config("llama"), loss_config=PRESETS["diversity"])
     assert model.loss_function.config == PRESETS["diversity"]
-    hf.apply(model, PRESETS["precision"], fused=False)  # replaces the setting, unwraps the forward
+    head = model.get_output_embeddings()
+    assert "forward" in vars(head)  # the fused path's capture
+    hf.apply(model, PRESETS["precision"], fused=False)  # replaces the setting, unwraps the forwards
     assert model.loss_function.config == PRESETS["precision"]
     assert "forward" not in vars(model) and getattr(model, "_precision_ce", None) is None
+    assert "forward" not in vars(head) and "_precision_ce_capture" not in vars(head)
     hf.apply(model, fused=True)
-    clone = copy.deepcopy(model)  # the wrapped forward follows the copy, not the original
+    clone = copy.deepcopy(model)  # the wrapped forwards follow the copy, not the original
     assert clone.forward.__self__ is clone
+    assert clone.get_output_embeddings().forward.__self__ is clone.get_output_embeddings()
     inputs = batch()
     torch.testing.assert_close(clone(**inputs).loss, model(**inputs).loss)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_compile_of_the_model(fused: bool) -> None:
+    """torch.compile(model, fullgraph=True): no graph break, the eager loss and gradients."""
+    model = tiny_model("llama")
+    hf.apply(model, PRESETS["precision"], fused=fused)
+    inputs = batch()
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    want_loss, want_grads = loss_and_grads(model, **inputs)
+    torch._dynamo.reset()
+    got_loss, got_grads = loss_and_grads(torch.compile(model, fullgraph=True), **inputs)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert [name.removeprefix("_orig_mod.") for name in got_grads] == list(want_grads)
+    for got, want in zip(got_grads.values(), want_grads.values(), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_auto_class_from_pretrained(tmp_path) -> None:
