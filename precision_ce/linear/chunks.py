@@ -1,0 +1,271 @@
+"""The fused linear + loss's token chunks: the plan, the forward and backward loops over chunks, and
+the eager autograd function (see ``precision_ce.linear`` for the algorithm)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..api import _torch_cross_entropy
+from ..config import LossParams
+from ..ops import params_args, params_from, rescale_z_loss, triton_backend
+from ..reference import RowStats
+
+MIN_CHUNK_BYTES = 16 << 20
+"""A chunk's logits take at least this many bytes (when N allows). Each chunk adds g_c^T x_c into
+the whole (V, D) weight-gradient accumulator, a read and write of V D fp32 numbers; fewer, larger
+chunks cut that traffic (docs/linear.md: 8 MiB chunks measured slower than 16 MiB on CPU)."""
+
+
+def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int) -> int:
+    """Rows per chunk: a chunk of logits as large as the input itself, or MIN_CHUNK_BYTES if more.
+
+    The extra memory then grows like the input's (N D), not like the logits' (N V): for V = 32000
+    and D = 256 a chunk holds ~1/125 of the rows. A multiple of 16 rows (tensor-core tiles) when
+    more than 16.
+    """
+    budget = max(rows * hidden * element_size, MIN_CHUNK_BYTES)
+    chunk = max(1, budget // max(vocab * element_size, 1))
+    if chunk > 16:
+        chunk -= chunk % 16
+    return max(1, min(rows, chunk))
+
+
+class _TorchCrossEntropy:
+    """torch's own cross-entropy per chunk, with the backends' forward/backward contract: what
+    ``cross_entropy`` runs at the plain setting (fp32/fp64, torch backend, no stats), bit for bit
+    F.cross_entropy's per-row loss and gradient. It keeps no per-row state."""
+
+    RowState = tuple
+
+    @staticmethod
+    def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                with_stats: bool) -> tuple[torch.Tensor, tuple[()], None]:
+        loss = _torch_cross_entropy(logits, target, weight, ignore_index=params.ignore_index, reduction="none",
+                                    label_smoothing=params.label_smoothing)
+        return loss, (), None
+
+    @staticmethod
+    def backward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                 state: Any, grad_rows: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            loss = _torch_cross_entropy(leaf, target, weight, ignore_index=params.ignore_index, reduction="none",
+                                        label_smoothing=params.label_smoothing)
+            (grad,) = torch.autograd.grad(loss, leaf, grad_rows.to(loss.dtype))
+        return grad
+
+
+class _FusedReference:
+    """The torch backend with each row chunk compiled once by Inductor (``reference.fused_rows``):
+    what the linear ops run inside a torch.compile'd graph, as ``ops.loss_rows`` does."""
+
+    RowState = reference.RowState
+    forward = staticmethod(functools.partial(reference.forward, fused=True))
+    backward = staticmethod(functools.partial(reference.backward, fused=True))
+
+
+CHUNK_BACKENDS: dict[str, Any] = {
+    "torch": reference, "torch_fused": _FusedReference, "torch_ce": _TorchCrossEntropy,
+    "triton": triton_backend,
+}
+"""What runs the loss on a chunk's logits: a module or class with the backends' ``forward`` /
+``backward`` / ``RowState``. The linear ops take the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything but the tensors: what the chunk loops, the autograd function and the ops need."""
+
+    params: LossParams
+    backend: str  # a key of CHUNK_BACKENDS
+    reduction: str
+    chunk_rows: int
+    matmul_dtype: torch.dtype  # the logits' dtype: the input's, or autocast's
+    with_stats: bool
+
+    @property
+    def chunk_backend(self) -> Any:
+        return CHUNK_BACKENDS[self.backend]
+
+    def chunks(self, rows: int) -> list[slice]:
+        # At least one (empty) chunk: zero rows still give empty losses, state and stats of the right dtypes.
+        return [slice(start, min(start + self.chunk_rows, rows)) for start in range(0, max(rows, 1), self.chunk_rows)]
+
+    def op_args(self) -> tuple[Any, ...]:
+        """The op schemas' scalar arguments, in order: backend, reduction, chunk_rows, matmul_dtype,
+        then ``ops.params_args`` and ``with_stats``."""
+        return (self.backend, self.reduction, self.chunk_rows, self.matmul_dtype,
+                *params_args(self.params), self.with_stats)
+
+    @classmethod
+    def from_op_args(cls, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
+                     *params_and_stats: Any) -> Plan:
+        return cls(params_from(*params_and_stats[:-1]), backend, reduction, chunk_rows, matmul_dtype,
+                   params_and_stats[-1])
+
+
+def _no_autocast(device: torch.device) -> Any:
+    # The matmuls run in plan.matmul_dtype, chosen once; autocast must not re-cast them per call.
+    return torch.autocast(device.type, enabled=False)
+
+
+def _chunk_gradients(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grads: list[torch.Tensor | None], rows: slice,
+) -> None:
+    """Add one chunk's share to grads = [grad_input (N, D), grad_weight (V, D), grad_bias (V,)]."""
+    grad_input, grad_weight, grad_bias = grads
+    if grad_input is not None:
+        torch.mm(g, weight, out=grad_input[rows])
+    if grad_weight is not None:
+        if grad_weight.dtype == g.dtype:
+            grad_weight.addmm_(g.t(), x)
+        else:  # 16-bit: fp32 accumulation inside the matmul, fp32 across chunks
+            grad_weight.add_(torch.mm(g.t(), x).to(grad_weight.dtype))
+    if grad_bias is not None:
+        grad_bias.add_(g.sum(0, dtype=grad_bias.dtype))
+
+
+def _new_gradients(
+    plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, ...]
+) -> list[torch.Tensor | None]:
+    accumulate = reference.compute_dtype(plan.matmul_dtype)
+    return [
+        torch.empty_like(x) if needs[0] else None,
+        torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
+        torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device)
+        if needs[2] and bias is not None else None,
+    ]
+
+
+def _finish(
+    grads: list[torch.Tensor | None], dtypes: tuple[torch.dtype | None, ...], upstream: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Scale by the upstream scalar gradient in place (None: already in) and return in the
+    parameters' dtypes."""
+    out = []
+    for grad, dtype in zip(grads, dtypes, strict=True):
+        if grad is not None:
+            if upstream is not None:
+                grad = grad.mul_(upstream.to(grad.dtype))
+            grad = grad.to(dtype)
+        out.append(grad)
+    return tuple(out)
+
+
+def _matmul_operands(
+    plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    cast = lambda t: None if t is None else t.to(plan.matmul_dtype)  # noqa: E731
+    return cast(input), cast(weight), cast(bias)
+
+
+def reduce_rows(plan: Plan, rows_loss: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
+    if plan.reduction == "none":
+        return rows_loss
+    return rows_loss.sum() if plan.reduction == "sum" else rows_loss.sum() / denominator
+
+
+def forward_chunks(
+    plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, list[torch.Tensor | None], Any, RowStats | None]:
+    """The forward pass over token chunks: (rows_loss (N,), grads, state, stats).
+
+    "mean"/"sum": grads are those of the reduced loss for an upstream gradient of 1 (one scalar,
+    so they can be formed here), [grad_input in the matmul dtype, grad_weight and grad_bias in fp32
+    (fp64 for fp64)], None where ``needs`` says so; state is None. "none": grads are None and state
+    is the backend's RowState of every row, for ``backward_chunks``.
+    """
+    backend = plan.chunk_backend
+    folded = plan.reduction != "none" and any(needs)
+    with _no_autocast(input.device):
+        x_all, w, b = _matmul_operands(plan, input, weight, bias)
+        grads: list[torch.Tensor | None] = [None, None, None]
+        if folded:
+            grads = _new_gradients(plan, x_all, w, b, needs)
+            cdt = reference.compute_dtype(plan.matmul_dtype)
+            factor = (1.0 / denominator.to(cdt) if plan.reduction == "mean"
+                      else torch.ones((), dtype=cdt, device=input.device))
+        losses, states, stats = [], [], []
+        for chunk in plan.chunks(input.shape[0]):
+            x, t = x_all[chunk], target[chunk]
+            logits = F.linear(x, w, b)
+            loss, state, row_stats = backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
+            if z_scale is not None:
+                loss, state = rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
+            losses.append(loss)
+            if row_stats is not None:
+                stats.append(row_stats)
+            if folded:
+                g = backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
+                del logits
+                _chunk_gradients(g, x, w, grads, chunk)
+            elif plan.reduction == "none":
+                states.append(state)
+    state = backend.RowState(*map(torch.cat, zip(*states, strict=True))) if states else None
+    row_stats = RowStats(*map(torch.cat, zip(*stats, strict=True))) if stats else None
+    return torch.cat(losses), grads, state, row_stats
+
+
+def backward_chunks(
+    plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    class_weight: torch.Tensor | None, state: Any, grad_rows: torch.Tensor, needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """reduction="none": recompute each chunk's logits and apply the per-row upstream gradient.
+    Returns (grad_input, grad_weight, grad_bias) in the parameters' dtypes, None where not needed."""
+    backend = plan.chunk_backend
+    with _no_autocast(input.device):
+        x_all, w, b = _matmul_operands(plan, input, weight, bias)
+        grads = _new_gradients(plan, x_all, w, b, needs)
+        for chunk in plan.chunks(input.shape[0]):
+            x, t = x_all[chunk], target[chunk]
+            logits = F.linear(x, w, b)
+            chunk_state = backend.RowState(*(field[chunk] for field in state))
+            g = backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
+            del logits
+            _chunk_gradients(g, x, w, grads, chunk)
+    return _finish(grads, (input.dtype, weight.dtype, None if bias is None else bias.dtype), None)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Eager autograd of the fused loss (see ``precision_ce.linear``). Its backward scales the gradients
+    stored by the forward pass in place, which a custom op's outputs do not allow: compiled code
+    calls the custom ops of ``precision_ce.linear.ops`` instead."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, class_weight, denominator, z_scale, plan, needs):  # type: ignore[override]
+        rows_loss, grads, state, stats = forward_chunks(plan, input, weight, bias, target, class_weight,
+                                                         denominator, z_scale, needs)
+        ctx.plan, ctx.needs, ctx.folded = plan, needs, plan.reduction != "none"
+        ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if ctx.folded:
+            ctx.grads = grads
+        elif any(needs):
+            ctx.save_for_backward(input, weight, bias, target, class_weight, *state)
+        row_stats = tuple(stats or ())
+        ctx.mark_non_differentiable(*row_stats)
+        return (reduce_rows(plan, rows_loss, denominator), *row_stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, *grad_stats):  # type: ignore[override]
+        nothing = (None,) * 6
+        if ctx.folded:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "linear_cross_entropy computes its gradients in the forward pass and hands them "
+                    "out once: a second backward through the same loss (retain_graph=True) is not "
+                    "supported; call linear_cross_entropy again instead"
+                )
+            grads, ctx.grads = ctx.grads, None  # scaled in place below, so handed out once
+            return (*_finish(grads, ctx.dtypes, grad_loss), *nothing)
+        input, weight, bias, target, class_weight, *state = ctx.saved_tensors
+        return (*backward_chunks(ctx.plan, input, weight, bias, target, class_weight, state, grad_loss,
+                                  ctx.needs), *nothing)
