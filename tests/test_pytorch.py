@@ -230,6 +230,20 @@ def test_linear_compiled_fullgraph_matches_eager(monkeypatch) -> None:
     assert_compiled_matches_eager(cases, loss_fn=precision_ce.linear_cross_entropy)
 
 
+LINEAR_GRID_OPTIONS = [{}, {"class_weight": True}, {"label_smoothing": 0.1}, {"z_loss": 1e-3}, {"softcap": 5.0},
+                       {"class_weight": True, **ALL_OPTIONS}, {"return_stats": True}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_linear_compiled_fullgraph_matches_eager_full_grid(preset: str) -> None:
+    """Every preset x reduction x option, with and without bias (one graph per preset)."""
+    cases = [_linear_case(preset, reduction, torch.float32, options, bias)
+             for reduction, options, bias in itertools.product(["none", "mean", "sum"], LINEAR_GRID_OPTIONS,
+                                                               [True, False])]
+    assert_compiled_matches_eager(cases, loss_fn=precision_ce.linear_cross_entropy)
+
+
 def test_linear_dynamo_sees_no_graph_break() -> None:
     leaves, constants = _linear_case("tail_penalty", "mean", torch.float32, {"class_weight": True, **ALL_OPTIONS})
 
