@@ -158,8 +158,8 @@ def linear_cross_entropy(
     if reduction == "mean":
         denominator, z_scale = _mean_denominator(rows_target, class_weight, params, vocab)
     plan = Plan(params, chosen, reduction,
-                 chunk_size or auto_chunk_rows(rows, vocab, hidden, torch.finfo(matmul_dtype).bits // 8),
-                 matmul_dtype, return_stats)
+                chunk_size or auto_chunk_rows(rows, vocab, hidden, torch.finfo(matmul_dtype).bits // 8),
+                matmul_dtype, return_stats)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

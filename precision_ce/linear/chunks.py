@@ -242,7 +242,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, target, class_weight, denominator, z_scale, plan, needs):  # type: ignore[override]
         rows_loss, grads, state, stats = forward_chunks(plan, input, weight, bias, target, class_weight,
-                                                         denominator, z_scale, needs)
+                                                        denominator, z_scale, needs)
         ctx.plan, ctx.needs, ctx.folded = plan, needs, plan.reduction != "none"
         ctx.dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
         if ctx.folded:
@@ -268,4 +268,4 @@ class LinearCrossEntropy(torch.autograd.Function):
             return (*_finish(grads, ctx.dtypes, grad_loss), *nothing)
         input, weight, bias, target, class_weight, *state = ctx.saved_tensors
         return (*backward_chunks(ctx.plan, input, weight, bias, target, class_weight, state, grad_loss,
-                                  ctx.needs), *nothing)
+                                 ctx.needs), *nothing)

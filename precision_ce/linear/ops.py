@@ -35,9 +35,9 @@ def linear_reduced(
     label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
 ) -> tuple[(torch.Tensor,) * (4 + STATS_FIELDS)]:  # type: ignore[valid-type]
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     rows_loss, grads, _, stats = forward_chunks(plan, input, weight, bias, target, class_weight, denominator,
-                                                 z_scale, tuple(needs))
+                                                z_scale, tuple(needs))
     return (reduce_rows(plan, rows_loss, denominator), *(input.new_empty(0) if g is None else g for g in grads),
             *(stats or _no_stats(input)))
 
@@ -62,9 +62,9 @@ def linear_rows(
     label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
 ) -> LossOutputs:
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     rows_loss, _, state, stats = forward_chunks(plan, input, weight, bias, target, class_weight, None, None,
-                                                 (False,) * 3)
+                                                (False,) * 3)
     return (rows_loss, *state, *(stats or _no_stats(input)))
 
 
@@ -88,7 +88,7 @@ def linear_rows_backward(
     z_loss: float, softcap: float | None, with_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     grads = backward_chunks(plan, input, weight, bias, target, class_weight, state, grad_rows, tuple(needs))
     return tuple(input.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
