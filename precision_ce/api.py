@@ -111,6 +111,28 @@ def result_dtype(input: torch.Tensor) -> torch.dtype:
     return input.dtype
 
 
+def _reduce_rows(rows_loss: torch.Tensor, reduction: str, denominator: torch.Tensor | None) -> torch.Tensor:
+    """The per-row losses (rows,) reduced: "none" keeps them, "sum" sums them, "mean" divides their
+    sum by ``denominator`` (#rows or sum_r c_{y_r} over the non-ignored rows, ``_mean_denominator``)."""
+    if reduction == "none":
+        return rows_loss
+    return rows_loss.sum() if reduction == "sum" else rows_loss.sum() / denominator
+
+
+def _result(
+    loss: torch.Tensor, stats: tuple[torch.Tensor, ...] | None, reduction: str, shape: torch.Size,
+    dtype: torch.dtype,
+) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
+    """What the public losses return: ``loss`` in ``dtype`` (shaped ``shape``, the target's, for
+    "none") and, when ``stats`` (per row) are given, (loss, RowStats) with each shaped ``shape``."""
+    loss = loss.to(dtype)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    if stats is None:
+        return loss
+    return loss, RowStats(*(s.reshape(shape) for s in stats))
+
+
 def _describe(value: object) -> str:
     return f"tensor of {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -127,8 +149,7 @@ def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -
         bad = (target != ignore_index) & ((target < 0) | (target >= classes))
         torch._assert_async(~bad.any(), "precision_ce: target holds a class index outside [0, C) "
                             "that is not ignore_index")
-    elif not (target.device.type == "meta" or is_fake(target)
-              or torch._C._functorch.is_functorch_wrapped_tensor(target)):
+    elif not (target.device.type == "meta" or is_fake(target) or ops.under_torch_func(target)):
         ops.check_target_range(target, classes, ignore_index)
 
 
@@ -149,7 +170,7 @@ def _mean_denominator(
 
 def _backend_module(name: str, logits: torch.Tensor) -> ModuleType:
     """The backend module that ``_backend`` chooses (``reference`` or ``triton_backend``), for host
-    code that runs the backends' forward/backward itself (``linear``, ``distributed``)."""
+    code that runs the backends' forward/backward itself (``distributed``)."""
     return reference if _backend(name, logits) == "torch" else ops.triton_backend
 
 
@@ -277,21 +298,12 @@ def cross_entropy(
         return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
                                     reduction=reduction, label_smoothing=label_smoothing)
 
-    z_scale = None
+    denominator = z_scale = None
     if reduction == "mean":
         denominator, z_scale = _mean_denominator(rows_target, weight, params, classes)
     rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, return_stats)
-
-    if reduction == "none":
-        loss = rows_loss.reshape(target.shape)
-    elif reduction == "sum":
-        loss = rows_loss.sum()
-    else:
-        loss = rows_loss.sum() / denominator
-    loss = loss.to(result_dtype(input))
-    if stats is None:
-        return loss
-    return loss, RowStats(*(s.reshape(target.shape) for s in stats))
+    return _result(_reduce_rows(rows_loss, reduction, denominator), stats, reduction, target.shape,
+                   result_dtype(input))
 
 
 class PrecisionCrossEntropyLoss(nn.Module):

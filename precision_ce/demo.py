@@ -372,6 +372,17 @@ def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch
     return DemoResult(settings, results, true_chain_metrics(chain, val_pairs, settings.k))
 
 
+def cosine_to_a_tenth(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay of the learning rate from its peak to a tenth of it over ``steps`` steps (then
+    flat): the final metrics describe a settled model rather than one noisy Adam step (at the peak
+    rate the entropy wanders by a few hundredths of a nat)."""
+
+    def rate_factor(step: int) -> float:
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
+
+
 def _train_one(
     name: str,
     config: RewardConfig,
@@ -388,12 +399,7 @@ def _train_one(
     torch.manual_seed(settings.seed)
     model = NextTokenMLP(settings.vocab_size, settings.embedding_dim, settings.hidden_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    # Cosine decay to a tenth of the peak: the final metrics describe a settled model rather than
-    # one noisy Adam step (at the peak rate the entropy wanders by a few hundredths of a nat).
-    def rate_factor(step: int) -> float:
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
+    schedule = cosine_to_a_tenth(optimizer, settings.steps)
     batch_generator = torch.Generator().manual_seed(settings.seed + 3)
     train_context, train_target = train_pairs
 

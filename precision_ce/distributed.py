@@ -41,6 +41,8 @@ from .api import (
     _check_target_range,
     _check_tensors,
     _loss_params,
+    _reduce_rows,
+    _result,
     _reward_config,
     result_dtype,
 )
@@ -383,13 +385,5 @@ def vocab_parallel_cross_entropy(
     outputs = _VocabParallelCrossEntropy.apply(logits, rows_target, weight, params, shard, return_stats,
                                                z_loss_plain_mean, chosen)
     rows_loss, denominator = outputs[:2]
-    if reduction == "none":
-        loss = rows_loss.reshape(target.shape)
-    elif reduction == "sum":
-        loss = rows_loss.sum()
-    else:
-        loss = rows_loss.sum() / denominator
-    loss = loss.to(result_dtype(input))
-    if not return_stats:
-        return loss
-    return loss, RowStats(*(s.reshape(target.shape) for s in outputs[2:]))
+    return _result(_reduce_rows(rows_loss, reduction, denominator), outputs[2:] if return_stats else None,
+                   reduction, target.shape, result_dtype(input))

@@ -173,12 +173,20 @@ def _torch_ops(name: str, fused: bool) -> tuple[Any, Any]:
     return forward, backward
 
 
+def row_state_dtypes(backend: str, compute: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes of a backend's ``RowState`` fields, as its ``forward`` allocates them (for fake
+    implementations): the compute dtype and int64 (torch), or fp32, int64 and int32 (triton)."""
+    if backend == "triton":
+        return (torch.float32,) * 6 + (torch.int64, torch.int32)
+    return (compute,) * (STATE_FIELDS - 1) + (torch.long,)
+
+
 def _torch_forward_fake(logits, target, weight, z_scale, beta, k, lambda_head, lambda_tail, positive_reward,
                         ignore_index, label_smoothing, z_loss, softcap, with_stats):
     rows = logits.shape[0]
     compute = reference.compute_dtype(logits.dtype)
     row = lambda dtype: logits.new_empty(rows, dtype=dtype)  # noqa: E731
-    state = [row(compute) for _ in range(STATE_FIELDS - 1)] + [row(torch.long)]
+    state = [row(dtype) for dtype in row_state_dtypes("torch", compute)]
     stats = [logits.new_empty(rows if with_stats else 0, dtype=torch.float32) for _ in range(STATS_FIELDS)]
     return (row(compute), *state, *stats)
 
@@ -281,11 +289,15 @@ def _functorch_function(op: Any, save: Callable[..., None], differentiate: Calla
     return Function
 
 
+def under_torch_func(*values: Any) -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) wraps any of the tensors among ``values``
+    (a Python query: call it in eager code only, Dynamo cannot trace it)."""
+    return any(isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v) for v in values)
+
+
 def _call(op: Any, function: type, args: tuple[Any, ...]) -> Any:
     """The op, or its ``autograd.Function`` twin when a torch.func transform wraps an argument."""
-    if not torch.compiler.is_compiling() and any(
-        isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args
-    ):
+    if not torch.compiler.is_compiling() and under_torch_func(*args):
         return function.apply(*args)
     return op(*args)
 

@@ -39,10 +39,12 @@ from ..api import (
     _describe,
     _loss_params,
     _mean_denominator,
+    _result,
     _reward_config,
     result_dtype,
 )
 from ..config import RewardConfig
+from ..ops import under_torch_func
 from ..reference import RowStats
 from .chunks import MIN_CHUNK_BYTES, LinearCrossEntropy, Plan, auto_chunk_rows
 from .ops import compiled_outputs
@@ -166,19 +168,15 @@ def linear_cross_entropy(
     arguments = (x, weight, bias, rows_target, class_weight, denominator, z_scale)
     if torch.compiler.is_compiling():
         outputs = compiled_outputs(plan, *arguments, needs)
-    elif any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (input, weight, bias)):
+    elif under_torch_func(input, weight, bias):
         raise NotImplementedError(
             "linear_cross_entropy does not run under torch.func transforms (grad, vmap, ...): its "
             "gradients are formed in the forward pass; use precision_ce.cross_entropy(F.linear(...)) there"
         )
     else:
         outputs = LinearCrossEntropy.apply(*arguments, plan, needs)
-    loss = outputs[0].to(result_dtype(logits_like))
-    if reduction == "none":
-        loss = loss.reshape(target.shape)
-    if not return_stats:
-        return loss
-    return loss, RowStats(*(s.reshape(target.shape) for s in outputs[1:]))
+    return _result(outputs[0], outputs[1:] if return_stats else None, reduction, target.shape,
+                   result_dtype(logits_like))
 
 
 class PrecisionLinearCrossEntropyLoss(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..api import _torch_cross_entropy
+from ..api import _reduce_rows, _torch_cross_entropy
 from ..config import LossParams
 from ..ops import params_args, params_from, rescale_z_loss, triton_backend
 from ..reference import RowStats
@@ -165,12 +165,6 @@ def _matmul_operands(
     return cast(input), cast(weight), cast(bias)
 
 
-def reduce_rows(plan: Plan, rows_loss: torch.Tensor, denominator: torch.Tensor | None) -> torch.Tensor:
-    if plan.reduction == "none":
-        return rows_loss
-    return rows_loss.sum() if plan.reduction == "sum" else rows_loss.sum() / denominator
-
-
 def forward_chunks(
     plan: Plan, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
@@ -251,7 +245,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(input, weight, bias, target, class_weight, *state)
         row_stats = tuple(stats or ())
         ctx.mark_non_differentiable(*row_stats)
-        return (reduce_rows(plan, rows_loss, denominator), *row_stats)
+        return (_reduce_rows(rows_loss, plan.reduction, denominator), *row_stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -22,8 +22,17 @@ import torch
 from torch.library import custom_op, register_autograd
 
 from .. import reference
-from ..ops import SECOND_DERIVATIVE, STATE_FIELDS, STATS_FIELDS, DoubleBackwardError, LossOutputs, no_double_backward
-from .chunks import Plan, backward_chunks, forward_chunks, reduce_rows
+from ..api import _reduce_rows
+from ..ops import (
+    SECOND_DERIVATIVE,
+    STATE_FIELDS,
+    STATS_FIELDS,
+    DoubleBackwardError,
+    LossOutputs,
+    no_double_backward,
+    row_state_dtypes,
+)
+from .chunks import Plan, backward_chunks, forward_chunks
 
 
 @custom_op("precision_ce::linear_reduced", mutates_args=())
@@ -38,8 +47,8 @@ def linear_reduced(
                              positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     rows_loss, grads, _, stats = forward_chunks(plan, input, weight, bias, target, class_weight, denominator,
                                                 z_scale, tuple(needs))
-    return (reduce_rows(plan, rows_loss, denominator), *(input.new_empty(0) if g is None else g for g in grads),
-            *(stats or _no_stats(input)))
+    loss = _reduce_rows(rows_loss, plan.reduction, denominator)
+    return (loss, *(input.new_empty(0) if g is None else g for g in grads), *(stats or _no_stats(input)))
 
 
 @linear_reduced.register_fake
@@ -72,10 +81,7 @@ def linear_rows(
 def _linear_rows_fake(input, weight, bias, target, class_weight, backend, reduction, chunk_rows, matmul_dtype,
                       *params_and_stats):
     rows, cdt = input.shape[0], reference.compute_dtype(matmul_dtype)
-    # The backends' RowState dtypes (reference.forward, triton_backend.forward).
-    state_dtypes = ((torch.float32,) * 6 + (torch.int64, torch.int32) if backend == "triton"
-                    else (cdt,) * 7 + (torch.long,))
-    return (input.new_empty(rows, dtype=cdt), *(input.new_empty(rows, dtype=d) for d in state_dtypes),
+    return (input.new_empty(rows, dtype=cdt), *(input.new_empty(rows, dtype=d) for d in row_state_dtypes(backend, cdt)),
             *_stats_fake(input, params_and_stats[-1]))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from tqdm import tqdm
 
 from ..api import cross_entropy
 from ..config import RewardConfig
+from ..demo import cosine_to_a_tenth
 from .task import IGNORE_INDEX, Corpus
 
 
@@ -34,11 +34,7 @@ def pretrain(model: nn.Module, corpus: Corpus, config: RewardConfig, settings: P
     device = next(model.parameters()).device
     tokens, targets = corpus.tokens.to(device), corpus.targets.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-
-    def rate_factor(step: int) -> float:
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
+    schedule = cosine_to_a_tenth(optimizer, settings.steps)
     model.train()
     for _ in range(settings.steps):
         batch = torch.randint(0, tokens.shape[0], (settings.batch_size,), generator=generator).to(device)
