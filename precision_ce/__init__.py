@@ -7,12 +7,13 @@ tokens inside / outside the top-``k``, with fused Triton kernels on the GPU.
 
 from .api import BACKENDS, PrecisionCrossEntropyLoss, cross_entropy
 from .config import PRESETS, LossParams, RewardConfig, preset
-from .linear import PrecisionLinearCrossEntropyLoss, linear_cross_entropy
+from .linear import LinearCrossEntropyLoss, PrecisionLinearCrossEntropyLoss, linear_cross_entropy
 from .reference import RowStats
 
 __all__ = [
     "BACKENDS",
     "PRESETS",
+    "LinearCrossEntropyLoss",
     "LossParams",
     "PrecisionCrossEntropyLoss",
     "PrecisionLinearCrossEntropyLoss",

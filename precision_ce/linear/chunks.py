@@ -16,20 +16,24 @@ from ..config import LossParams
 from ..ops import params_args, params_from, rescale_z_loss, triton_backend
 from ..reference import RowStats
 
-MIN_CHUNK_BYTES = 16 << 20
-"""A chunk's logits take at least this many bytes (when N allows). Each chunk adds g_c^T x_c into
-the whole (V, D) weight-gradient accumulator, a read and write of V D fp32 numbers; fewer, larger
-chunks cut that traffic (docs/linear.md: 8 MiB chunks measured slower than 16 MiB on CPU)."""
+CHUNK_BYTES_PER_INPUT_BYTE = 1.0
+"""``auto_chunk_rows``: a chunk's logits take this many bytes per byte of the input (N, D); see
+docs/linear.md for the measurement that chose it."""
+MIN_CHUNK_BYTES = 4 << 20
+"""... and at least this many bytes (when N allows): each chunk adds g_c^T x_c into the whole
+(V, D) weight-gradient accumulator, a GEMM with only ``chunk`` rows of reduction, which runs
+below the matmul's speed when the chunk is small (docs/linear.md)."""
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int) -> int:
-    """Rows per chunk: a chunk of logits as large as the input itself, or MIN_CHUNK_BYTES if more.
+    """Rows per chunk: a chunk of logits ``CHUNK_BYTES_PER_INPUT_BYTE`` times the input's size, or
+    MIN_CHUNK_BYTES if more.
 
     The extra memory then grows like the input's (N D), not like the logits' (N V): for V = 32000
     and D = 256 a chunk holds ~1/125 of the rows. A multiple of 16 rows (tensor-core tiles) when
     more than 16.
     """
-    budget = max(rows * hidden * element_size, MIN_CHUNK_BYTES)
+    budget = max(int(rows * hidden * element_size * CHUNK_BYTES_PER_INPUT_BYTE), MIN_CHUNK_BYTES)
     chunk = max(1, budget // max(vocab * element_size, 1))
     if chunk > 16:
         chunk -= chunk % 16
@@ -61,6 +65,73 @@ class _TorchCrossEntropy:
         return grad
 
 
+class _InPlaceCrossEntropy:
+    """Cross-entropy of a chunk whose logits buffer belongs to the chunk loop: the loss and its
+    gradient formed in that buffer, in place, with no chunk-sized temporary (``F.cross_entropy``'s
+    forward and autograd backward hold three: log-softmax, its gradient, the logits' gradient).
+
+    With z = the row's logits, y its target, c the class weights (1 without), C = sum_a c_a,
+    eps the label smoothing and lse = log sum_a exp z_a (p = softmax z):
+
+        loss  = (1 - eps) c_y (lse - z_y) + eps / V (C lse - sum_a c_a z_a)
+        dloss/dz_a = ((1 - eps) c_y + eps C / V) p_a - (1 - eps) c_y [a = y] - eps / V c_a
+
+    (torch's cross-entropy with class weights and label smoothing, row by row; ignored rows give 0
+    and a zero gradient). 16-bit logits are computed in a fp32 copy. The gradient comes back in
+    the compute dtype (fp32 for 16-bit logits): ``_chunk_gradients`` rounds it for the input's
+    gradient and keeps it exact for the weight's."""
+
+    @staticmethod
+    def loss_and_gradient(
+        logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+        factor: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss (rows,), factor[:, None] * dloss/dlogits in ``logits``' storage or a fp32 copy);
+        ``factor`` (rows,) or None for the loss alone."""
+        z = logits if logits.dtype == reference.compute_dtype(logits.dtype) else logits.float()
+        vocab = z.shape[1]
+        eps = params.label_smoothing
+        valid = target != params.ignore_index
+        safe = torch.where(valid, target, 0)[:, None]
+        z_y = z.gather(1, safe)[:, 0]
+        c = None if weight is None else weight.to(z.dtype)
+        smooth = (z.sum(1) if c is None else z @ c) if eps else None
+        shift = z.amax(1, keepdim=True)
+        z.sub_(shift).exp_()
+        total = z.sum(1, keepdim=True)
+        lse = (total.log() + shift)[:, 0]
+        c_y = torch.ones_like(lse) if c is None else c[safe[:, 0]]
+        c_sum = float(vocab) if c is None else c.sum()
+        loss = (1 - eps) * c_y * (lse - z_y)
+        if eps:
+            loss = loss + eps / vocab * (c_sum * lse - smooth)
+        loss = torch.where(valid, loss, 0.0)
+        if factor is None:
+            return loss, None
+        scale = torch.where(valid, factor.to(z.dtype), 0.0)
+        z.mul_((scale * ((1 - eps) * c_y + eps / vocab * c_sum))[:, None] / total)  # p, scaled
+        if eps:
+            if c is None:
+                z.sub_((scale * (eps / vocab))[:, None])
+            else:
+                z.addr_(scale, c, alpha=-eps / vocab)
+        z.scatter_add_(1, safe, (-(1 - eps) * scale * c_y)[:, None])
+        return loss, z
+
+    # The backends' contract, for reduction="none" (no per-row state: the backward recomputes).
+    RowState = tuple
+
+    @classmethod
+    def forward(cls, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                with_stats: bool) -> tuple[torch.Tensor, tuple[()], None]:
+        return cls.loss_and_gradient(logits, target, weight, params, None)[0], (), None
+
+    @classmethod
+    def backward(cls, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
+                 state: Any, grad_rows: torch.Tensor) -> torch.Tensor:
+        return cls.loss_and_gradient(logits, target, weight, params, grad_rows)[1]  # type: ignore[return-value]
+
+
 class _FusedReference:
     """The torch backend with each row chunk compiled once by Inductor (``reference.fused_rows``):
     what the linear ops run inside a torch.compile'd graph, as ``ops.loss_rows`` does."""
@@ -72,10 +143,11 @@ class _FusedReference:
 
 CHUNK_BACKENDS: dict[str, Any] = {
     "torch": reference, "torch_fused": _FusedReference, "torch_ce": _TorchCrossEntropy,
-    "triton": triton_backend,
+    "torch_ce_inplace": _InPlaceCrossEntropy, "triton": triton_backend,
 }
 """What runs the loss on a chunk's logits: a module or class with the backends' ``forward`` /
-``backward`` / ``RowState``. The linear ops take the key."""
+``backward`` / ``RowState``, or with ``loss_and_gradient`` (the chunk's loss and gradient at once,
+in the chunk's own buffer). The linear ops take the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +160,8 @@ class Plan:
     chunk_rows: int
     matmul_dtype: torch.dtype  # the logits' dtype: the input's, or autocast's
     with_stats: bool
+    acc_dtype: torch.dtype  # the weight and bias gradients' accumulators: fp32 (fp64), or 16-bit
+    allow_retain_graph: bool = False  # "mean"/"sum": backward copies the stored gradients, not scales them
 
     @property
     def chunk_backend(self) -> Any:
@@ -99,15 +173,15 @@ class Plan:
 
     def op_args(self) -> tuple[Any, ...]:
         """The op schemas' scalar arguments, in order: backend, reduction, chunk_rows, matmul_dtype,
-        then ``ops.params_args`` and ``with_stats``."""
-        return (self.backend, self.reduction, self.chunk_rows, self.matmul_dtype,
+        acc_dtype, then ``ops.params_args`` and ``with_stats``."""
+        return (self.backend, self.reduction, self.chunk_rows, self.matmul_dtype, self.acc_dtype,
                 *params_args(self.params), self.with_stats)
 
     @classmethod
     def from_op_args(cls, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
-                     *params_and_stats: Any) -> Plan:
+                     acc_dtype: torch.dtype, *params_and_stats: Any) -> Plan:
         return cls(params_from(*params_and_stats[:-1]), backend, reduction, chunk_rows, matmul_dtype,
-                   params_and_stats[-1])
+                   params_and_stats[-1], acc_dtype)
 
 
 def _no_autocast(device: torch.device) -> Any:
@@ -118,41 +192,59 @@ def _no_autocast(device: torch.device) -> Any:
 def _chunk_gradients(
     g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grads: list[torch.Tensor | None], rows: slice,
 ) -> None:
-    """Add one chunk's share to grads = [grad_input (N, D), grad_weight (V, D), grad_bias (V,)]."""
+    """Add one chunk's share to grads = [grad_input (N, D), grad_weight (V, D), grad_bias (V,)].
+
+    g (chunk, V) is the chunk's logits gradient in the logits' dtype or in fp32 (the in-place
+    cross-entropy's, for 16-bit logits); x (chunk, D) and weight (V, D) in the matmul dtype."""
     grad_input, grad_weight, grad_bias = grads
     if grad_input is not None:
-        torch.mm(g, weight, out=grad_input[rows])
+        torch.mm(g.to(weight.dtype), weight, out=grad_input[rows])
     if grad_weight is not None:
-        if grad_weight.dtype == g.dtype:
-            grad_weight.addmm_(g.t(), x)
-        else:  # 16-bit: fp32 accumulation inside the matmul, fp32 across chunks
-            grad_weight.add_(torch.mm(g.t(), x).to(grad_weight.dtype))
+        accumulate_product(grad_weight, g, x)
     if grad_bias is not None:
         grad_bias.add_(g.sum(0, dtype=grad_bias.dtype))
+
+
+def accumulate_product(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (V, D) += g^T x, the chunk's product never rounded to a dtype below ``acc``'s.
+
+    Same dtypes: one in-place GEMM. 16-bit operands into a fp32 accumulator: on CUDA one GEMM with
+    a fp32 epilogue that reads and writes ``acc`` (``out_dtype``, cuBLAS's mixed precision); the
+    CPU has no such GEMM, so the chunk's operands (chunk-sized) are taken to fp32 instead. An
+    accumulator in the parameter's 16-bit dtype (``acc_dtype``) is rounded once per chunk."""
+    if g.dtype == acc.dtype and x.dtype == acc.dtype:
+        acc.addmm_(g.t(), x)
+    elif acc.is_cuda and g.dtype == x.dtype and acc.dtype == torch.float32:
+        torch.addmm(acc, g.t(), x, out_dtype=acc.dtype, out=acc)
+    elif acc.itemsize >= max(g.itemsize, x.itemsize):
+        acc.addmm_(g.t().to(acc.dtype), x.to(acc.dtype))
+    else:  # fp32 gradient of 16-bit logits into a 16-bit accumulator: one rounding of g, as F.linear's
+        acc.addmm_(g.t().to(acc.dtype), x)
 
 
 def _new_gradients(
     plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, ...]
 ) -> list[torch.Tensor | None]:
-    accumulate = reference.compute_dtype(plan.matmul_dtype)
     return [
         torch.empty_like(x) if needs[0] else None,
-        torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
-        torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device)
+        torch.zeros(weight.shape, dtype=plan.acc_dtype, device=weight.device) if needs[1] else None,
+        torch.zeros(weight.shape[0], dtype=plan.acc_dtype, device=weight.device)
         if needs[2] and bias is not None else None,
     ]
 
 
 def _finish(
     grads: list[torch.Tensor | None], dtypes: tuple[torch.dtype | None, ...], upstream: torch.Tensor | None,
+    in_place: bool = True,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Scale by the upstream scalar gradient in place (None: already in) and return in the
-    parameters' dtypes."""
+    """Scale by the upstream scalar gradient (None: already in), in place unless ``in_place`` is
+    False (the stored gradients kept for another backward), and return in the parameters' dtypes."""
     out = []
     for grad, dtype in zip(grads, dtypes, strict=True):
         if grad is not None:
             if upstream is not None:
-                grad = grad.mul_(upstream.to(grad.dtype))
+                scale = upstream.to(grad.dtype)
+                grad = grad.mul_(scale) if in_place else grad * scale
             grad = grad.to(dtype)
         out.append(grad)
     return tuple(out)
@@ -191,6 +283,12 @@ def forward_chunks(
         for chunk in plan.chunks(input.shape[0]):
             x, t = x_all[chunk], target[chunk]
             logits = F.linear(x, w, b)
+            if folded and hasattr(backend, "loss_and_gradient"):
+                loss, g = backend.loss_and_gradient(logits, t, class_weight, plan.params, factor.expand(len(t)))
+                del logits
+                losses.append(loss)
+                _chunk_gradients(g, x, w, grads, chunk)
+                continue
             loss, state, row_stats = backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
             if z_scale is not None:
                 loss, state = rescale_z_loss(logits, t, plan.params, loss, state, z_scale)
@@ -255,11 +353,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.grads is None:
                 raise RuntimeError(
                     "linear_cross_entropy computes its gradients in the forward pass and hands them "
-                    "out once: a second backward through the same loss (retain_graph=True) is not "
-                    "supported; call linear_cross_entropy again instead"
+                    "out once: a second backward through the same loss (retain_graph=True) needs "
+                    "options=torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True) (one more "
+                    "gradient-sized allocation per backward), or call linear_cross_entropy again"
                 )
-            grads, ctx.grads = ctx.grads, None  # scaled in place below, so handed out once
-            return (*_finish(grads, ctx.dtypes, grad_loss), *nothing)
+            grads = ctx.grads
+            if not ctx.plan.allow_retain_graph:
+                ctx.grads = None  # scaled in place below, so handed out once
+            return (*_finish(grads, ctx.dtypes, grad_loss, in_place=not ctx.plan.allow_retain_graph), *nothing)
         input, weight, bias, target, class_weight, *state = ctx.saved_tensors
         return (*backward_chunks(ctx.plan, input, weight, bias, target, class_weight, state, grad_loss,
                                  ctx.needs), *nothing)

@@ -39,12 +39,12 @@ from .chunks import Plan, backward_chunks, forward_chunks
 def linear_reduced(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
-    needs: list[bool], backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, beta: float,
-    k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    needs: list[bool], backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
+    acc_dtype: torch.dtype, beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
 ) -> tuple[(torch.Tensor,) * (4 + STATS_FIELDS)]:  # type: ignore[valid-type]
-    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
+                             lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     rows_loss, grads, _, stats = forward_chunks(plan, input, weight, bias, target, class_weight, denominator,
                                                 z_scale, tuple(needs))
     loss = _reduce_rows(rows_loss, plan.reduction, denominator)
@@ -53,13 +53,12 @@ def linear_reduced(
 
 @linear_reduced.register_fake
 def _linear_reduced_fake(input, weight, bias, target, class_weight, denominator, z_scale, needs, backend,
-                         reduction, chunk_rows, matmul_dtype, *params_and_stats):
-    accumulate = reference.compute_dtype(matmul_dtype)
+                         reduction, chunk_rows, matmul_dtype, acc_dtype, *params_and_stats):
     sized = lambda needed, shape, dtype: input.new_empty(shape if needed else (0,), dtype=dtype)  # noqa: E731
-    return (input.new_empty((), dtype=accumulate),
+    return (input.new_empty((), dtype=reference.compute_dtype(matmul_dtype)),
             sized(needs[0], input.shape, matmul_dtype),
-            sized(needs[1], weight.shape, accumulate),
-            sized(needs[2] and bias is not None, weight.shape[:1], accumulate),
+            sized(needs[1], weight.shape, acc_dtype),
+            sized(needs[2] and bias is not None, weight.shape[:1], acc_dtype),
             *_stats_fake(input, params_and_stats[-1]))
 
 
@@ -67,11 +66,11 @@ def _linear_reduced_fake(input, weight, bias, target, class_weight, denominator,
 def linear_rows(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     class_weight: torch.Tensor | None, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
-    beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    acc_dtype: torch.dtype, beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
 ) -> LossOutputs:
-    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
+                             lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     rows_loss, _, state, stats = forward_chunks(plan, input, weight, bias, target, class_weight, None, None,
                                                 (False,) * 3)
     return (rows_loss, *state, *(stats or _no_stats(input)))
@@ -79,7 +78,7 @@ def linear_rows(
 
 @linear_rows.register_fake
 def _linear_rows_fake(input, weight, bias, target, class_weight, backend, reduction, chunk_rows, matmul_dtype,
-                      *params_and_stats):
+                      acc_dtype, *params_and_stats):
     rows, cdt = input.shape[0], reference.compute_dtype(matmul_dtype)
     return (input.new_empty(rows, dtype=cdt), *(input.new_empty(rows, dtype=d) for d in row_state_dtypes(backend, cdt)),
             *_stats_fake(input, params_and_stats[-1]))
@@ -89,12 +88,12 @@ def _linear_rows_fake(input, weight, bias, target, class_weight, backend, reduct
 def linear_rows_backward(
     grad_rows: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     target: torch.Tensor, class_weight: torch.Tensor | None, state: list[torch.Tensor], needs: list[bool],
-    backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, beta: float, k: int,
-    lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: float | None, with_stats: bool,
+    backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, acc_dtype: torch.dtype,
+    beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, beta, k, lambda_head, lambda_tail,
-                             positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
+    plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
+                             lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
     grads = backward_chunks(plan, input, weight, bias, target, class_weight, state, grad_rows, tuple(needs))
     return tuple(input.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
 
@@ -155,9 +154,10 @@ def compiled_outputs(
     needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor, ...]:
     """(loss, *RowStats) through the ops, as ``LinearCrossEntropy.apply`` gives them eagerly."""
-    if plan.backend in ("torch", "torch_ce"):
+    if plan.backend in ("torch", "torch_ce") or (plan.backend == "torch_ce_inplace" and plan.reduction == "none"):
         # Compiled chunks, as ops.loss_rows runs in compiled code. Not torch_ce: an op's body runs
-        # below autograd, where its backward (autograd of F.cross_entropy) cannot record a graph.
+        # below autograd, where its backward (autograd of F.cross_entropy) cannot record a graph;
+        # nor the in-place cross-entropy for "none", whose (empty) row state linear_rows has no slot for.
         plan = dataclasses.replace(plan, backend="torch_fused")
     if plan.reduction == "none":
         outputs = linear_rows(input, weight, bias, target, class_weight, *plan.op_args())
