@@ -123,7 +123,7 @@ class CausalLMLoss:
     ) -> torch.Tensor:
         """The same loss from the output layer's input: hidden (batch, seq, H), weight (V, H), bias (V,)."""
         target = _targets(labels, ignore_index, shift_labels).to(hidden.device)
-        extra = {"bias": bias} if softcap is None else {"bias": bias, "softcap": softcap}
+        extra = {"linear_bias": bias} if softcap is None else {"linear_bias": bias, "softcap": softcap}
         return self._reduce(precision_ce.linear_cross_entropy, (hidden.reshape(-1, hidden.shape[-1]), weight, target),
                             num_items_in_batch, ignore_index, extra)
 

@@ -184,6 +184,7 @@ def test_linear_smoke_run_compares_fused_and_unfused(tmp_path: Path) -> None:
     by_label = {bench.candidate_label(row): row for row in rows}
     assert set(by_label) == {
         "F.linear+F.cross_entropy", "torch.compile(F.linear+F.cross_entropy)",
+        "F.linear_cross_entropy[chunked]", "torch.compile(F.linear_cross_entropy[chunked])",
         "F.linear+precision_ce[torch] cross_entropy", "linear_cross_entropy[torch] cross_entropy",
         "F.linear+precision_ce[torch] tail_penalty", "linear_cross_entropy[torch] tail_penalty",
         "liger_fused_linear_cross_entropy", "cut_cross_entropy",
@@ -201,6 +202,10 @@ def test_linear_smoke_run_compares_fused_and_unfused(tmp_path: Path) -> None:
     assert float(fused["time_vs_unfused"]) == pytest.approx(float(fused["fwd_bwd_ms"]) / float(unfused["fwd_bwd_ms"]),
                                                             rel=1e-4)
     assert unfused["time_vs_unfused"] == ""
+    chunked = by_label["F.linear_cross_entropy[chunked]"]
+    assert float(fused["peak_vs_torch_chunked"]) == pytest.approx(
+        float(fused["peak_extra_mb"]) / float(chunked["peak_extra_mb"]), rel=1e-4)
+    assert float(chunked["time_vs_torch_chunked"]) == 1.0
     assert "CUDA" in by_label["cut_cross_entropy"]["note"] or "not installed" in by_label["cut_cross_entropy"]["note"]
     assert (out / "linear_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "hidden states" in (out / "results.md").read_text()
@@ -214,11 +219,14 @@ def test_linear_shapes_parse_and_fused_ratios_pair_by_preset() -> None:
     rows = [dict(_row("F.linear+F.cross_entropy", fwd_bwd_ms=2.0, peak_extra_mb=100.0), hidden=8),
             dict(_row("F.linear+precision_ce", fwd_bwd_ms=4.0, peak_extra_mb=50.0), hidden=8),
             dict(_row("linear_cross_entropy", fwd_bwd_ms=5.0, peak_extra_mb=5.0), hidden=8),
-            dict(_row("linear_cross_entropy", fwd_bwd_ms=5.0, peak_extra_mb=5.0), hidden=8, preset="diversity")]
+            dict(_row("linear_cross_entropy", fwd_bwd_ms=5.0, peak_extra_mb=5.0), hidden=8, preset="diversity"),
+            dict(_row("F.linear_cross_entropy[chunked]", fwd_bwd_ms=10.0, peak_extra_mb=10.0), hidden=8)]
     out = bench.add_ratios(rows)
-    assert [r["ratio_vs_torch_ce"] for r in out] == [1.0, 2.0, 2.5, 2.5]
-    assert [r["time_vs_unfused"] for r in out] == [None, None, 1.25, None]
-    assert [r["peak_vs_unfused"] for r in out] == [None, None, 0.1, None]
+    assert [r["ratio_vs_torch_ce"] for r in out] == [1.0, 2.0, 2.5, 2.5, 5.0]
+    assert [r["time_vs_unfused"] for r in out] == [None, None, 1.25, None, None]
+    assert [r["peak_vs_unfused"] for r in out] == [None, None, 0.1, None, None]
+    assert [r["time_vs_torch_chunked"] for r in out] == [0.2, 0.4, 0.5, 0.5, 1.0]
+    assert [r["peak_vs_torch_chunked"] for r in out] == [10.0, 5.0, 0.5, 0.5, 1.0]
 
 
 def test_compile_failure_is_a_note_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,11 @@ TOLERANCE = {
 }
 
 
+def chunks(rows: int) -> torch.nn.LinearCrossEntropyOptions:
+    """torch's options with ``rows`` rows per chunk."""
+    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=rows)
+
+
 def layer(rows: int, hidden: int, vocab: int, dtype: torch.dtype = torch.float64, seed: int = 0,
           bias: bool = True, integer: bool = False):
     """Hidden states (rows, D), output layer (V, D) and bias (V,), all requiring grad."""
@@ -46,11 +51,11 @@ def fused_and_unfused(x, w, b, target, upstream=None, **options):
     leaves = [t for t in (x, w, b) if t is not None]
     for fused in (True, False):
         if fused:
-            loss = linear_cross_entropy(x, w, target, b, backend=options.pop("backend", "torch"), **options)
+            loss = linear_cross_entropy(x, w, target, linear_bias=b, backend=options.pop("backend", "torch"), **options)
         else:
             logits = F.linear(x, w, b)
-            weight = options.get("class_weight")
-            unfused = {k: v for k, v in options.items() if k not in ("class_weight", "chunk_size")}
+            weight = options.get("weight")
+            unfused = {k: v for k, v in options.items() if k not in ("weight", "options")}
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), weight,
                                  backend="torch", **unfused)
             if options.get("reduction") == "none":
@@ -83,28 +88,28 @@ def test_every_preset_and_reduction_matches_unfused(name: str, reduction: str) -
     target = random_targets(37, 50, seed=1, ignore_every=5)
     upstream = torch.linspace(-1.0, 2.0, 37, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7)
     got, want = fused_and_unfused(x, w, b, target, upstream, config=preset(name, k=6), reduction=reduction,
-                                  chunk_size=4)
+                                  options=chunks(4))
     assert_close_results(got, want, torch.float64)
 
 
 OPTIONS = {
-    "class_weight": dict(class_weight=True),
+    "class_weight": dict(weight=True),
     "smoothing": dict(label_smoothing=0.1),
     "z_loss": dict(z_loss=1e-2),
     "softcap": dict(softcap=3.0),
-    "weighted_z_loss_mean": dict(class_weight=True, z_loss=5e-2, beta=-0.25),
-    "all": dict(beta=-0.3, k=7, lambda_head=0.2, lambda_tail=-0.1, class_weight=True, label_smoothing=0.05,
+    "weighted_z_loss_mean": dict(weight=True, z_loss=5e-2, beta=-0.25),
+    "all": dict(beta=-0.3, k=7, lambda_head=0.2, lambda_tail=-0.1, weight=True, label_smoothing=0.05,
                 z_loss=1e-3, softcap=6.0),
     "all_focal": dict(beta=0.6, positive_reward="focal", k=3, lambda_head=-0.2, lambda_tail=0.1,
-                      class_weight=True, label_smoothing=0.2),
+                      weight=True, label_smoothing=0.2),
 }
 
 
 def _options(spec: dict, vocab: int, dtype: torch.dtype) -> dict:
     options = dict(spec)
-    if options.pop("class_weight", False):
+    if options.pop("weight", False):
         weight = torch.rand(vocab, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.2
-        options["class_weight"] = weight.to(dtype)
+        options["weight"] = weight.to(dtype)
     return options
 
 
@@ -116,7 +121,8 @@ def test_every_option_matches_unfused(option: str, reduction: str, bias: bool) -
     target = random_targets(23, 40, seed=2, ignore_every=4)
     upstream = torch.randn(23, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got, want = fused_and_unfused(x, w, b, target, upstream if reduction == "none" else None,
-                                  reduction=reduction, chunk_size=5, **_options(OPTIONS[option], 40, torch.float64))
+                                  reduction=reduction, options=chunks(5),
+                                  **_options(OPTIONS[option], 40, torch.float64))
     assert_close_results(got, want, torch.float64)
 
 
@@ -125,7 +131,8 @@ def test_three_dimensional_input_and_stats() -> None:
     x3 = x.detach().reshape(2, 9, 8).requires_grad_()
     target = random_targets(18, 30, seed=3, ignore_every=4).reshape(2, 9)
     options = dict(beta=-0.25, k=4, lambda_tail=-0.1)
-    loss, stats = linear_cross_entropy(x3, w, target, b, reduction="none", return_stats=True, chunk_size=4,
+    loss, stats = linear_cross_entropy(x3, w, target, linear_bias=b, reduction="none", return_stats=True,
+                                       options=chunks(4),
                                        backend="torch", **options)
     want, want_stats = cross_entropy(F.linear(x3, w, b).reshape(-1, 30), target.reshape(-1), reduction="none",
                                      return_stats=True, backend="torch", **options)
@@ -134,7 +141,7 @@ def test_three_dimensional_input_and_stats() -> None:
     for got_stat, want_stat in zip(stats, want_stats, strict=True):
         torch.testing.assert_close(got_stat, want_stat.reshape(2, 9))
     assert not any(s.requires_grad for s in stats)
-    got, want = fused_and_unfused(x3, w, b, target, config=preset("head_reward", k=5), chunk_size=7)
+    got, want = fused_and_unfused(x3, w, b, target, config=preset("head_reward", k=5), options=chunks(7))
     assert_close_results(got, want, torch.float64)
     assert got[1][0].shape == (2, 9, 8)
 
@@ -144,7 +151,7 @@ def test_16_bit_and_fp32_inputs_match_unfused(dtype: torch.dtype) -> None:
     x, w, b = layer(33, 16, 64, dtype=dtype, seed=4)
     target = random_targets(33, 64, seed=4, ignore_every=6)
     for config in (PRESETS["precision"], preset("tail_penalty", k=5)):
-        got, want = fused_and_unfused(x, w, b, target, config=config, chunk_size=8)
+        got, want = fused_and_unfused(x, w, b, target, config=config, options=chunks(8))
         assert got[0].dtype == dtype
         assert_close_results(got, want, dtype)
 
@@ -153,7 +160,7 @@ def test_autocast_computes_the_matmul_in_bf16_and_returns_fp32() -> None:
     x, w, b = layer(20, 16, 40, dtype=torch.float32, seed=5)
     target = random_targets(20, 40, seed=5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = fused_and_unfused(x, w, b, target, beta=-0.25, k=4, lambda_tail=-0.1, chunk_size=6)
+        got, want = fused_and_unfused(x, w, b, target, beta=-0.25, k=4, lambda_tail=-0.1, options=chunks(6))
     assert got[0].dtype == torch.float32 and want[0].dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in got[1])  # gradients in the parameters' dtype
     assert_close_results(got, want, torch.bfloat16)
@@ -165,12 +172,12 @@ def test_heavy_ignore_and_all_ignored_chunks() -> None:
     target[:12] = -100  # the first three chunks of 4 have no target at all
     target[15::2] = -100
     for reduction in ("mean", "sum", "none"):
-        got, want = fused_and_unfused(x, w, b, target, reduction=reduction, chunk_size=4, beta=0.5, k=3,
+        got, want = fused_and_unfused(x, w, b, target, reduction=reduction, options=chunks(4), beta=0.5, k=3,
                                       lambda_head=0.1)
         assert_close_results(got, want, torch.float64)
         assert torch.all(got[1][0][:12] == 0)
     everything_ignored = torch.full((30,), -100)
-    loss = linear_cross_entropy(x, w, everything_ignored, b, chunk_size=4, beta=-0.25)
+    loss = linear_cross_entropy(x, w, everything_ignored, linear_bias=b, options=chunks(4), beta=-0.25)
     assert torch.isnan(loss)  # a mean over no rows, as torch's
     grads = torch.autograd.grad(loss, (x, w, b))
     assert all(torch.all(g == 0) for g in grads)
@@ -182,7 +189,7 @@ def test_ties_across_chunk_boundaries() -> None:
     x_tied = x.detach().repeat_interleave(3, dim=0).requires_grad_()  # rows 3i..3i+2 equal
     target = torch.tensor([0, 0, 5, 5, 23, 23, 7, 7, 7, 1, 2, 3, 0, 11, 11, 11, 4, -100])
     for chunk in (2, 4, 5):
-        got, want = fused_and_unfused(x_tied, w, b, target, chunk_size=chunk, k=4, lambda_head=0.3,
+        got, want = fused_and_unfused(x_tied, w, b, target, options=chunks(chunk), k=4, lambda_head=0.3,
                                       lambda_tail=-0.2)
         assert_close_results(got, want, torch.float64)
 
@@ -193,8 +200,8 @@ def test_against_fp64_oracle() -> None:
     class_weight = torch.rand(30, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 0.3
     reward = RewardConfig(beta=-0.25, k=5, lambda_head=0.2, lambda_tail=-0.1)
     options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
-    loss = linear_cross_entropy(x, w, target, b, class_weight=class_weight, reduction="sum", config=reward,
-                                chunk_size=4, **options)
+    loss = linear_cross_entropy(x, w, target, linear_bias=b, weight=class_weight, reduction="sum", config=reward,
+                                options=chunks(4), **options)
     got = torch.autograd.grad(loss, (x, w, b))
     logits = F.linear(x, w, b)
     want_loss = surrogate_loss_fp64(logits, target, reward, class_weight, **options).sum()
@@ -215,14 +222,14 @@ def test_no_grad_does_no_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("backward work under no_grad")
 
     with torch.no_grad():
-        want = linear_cross_entropy(x, w, target, b, chunk_size=4, beta=-0.25)
+        want = linear_cross_entropy(x, w, target, linear_bias=b, options=chunks(4), beta=-0.25)
     monkeypatch.setattr(reference, "backward", forbidden)
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
-            loss = linear_cross_entropy(x, w, target, b, chunk_size=4, beta=-0.25)
+            loss = linear_cross_entropy(x, w, target, linear_bias=b, options=chunks(4), beta=-0.25)
         assert not loss.requires_grad and torch.equal(loss, want)
     frozen = [t.detach() for t in (x, w, b)]
-    loss = linear_cross_entropy(*frozen[:2], target, frozen[2], chunk_size=4, beta=-0.25)
+    loss = linear_cross_entropy(*frozen[:2], target, linear_bias=frozen[2], options=chunks(4), beta=-0.25)
     assert not loss.requires_grad and torch.equal(loss, want)
 
 
@@ -230,16 +237,16 @@ def test_only_the_requested_gradients() -> None:
     x, w, b = layer(12, 8, 20, seed=11)
     target = random_targets(12, 20, seed=11)
     for reduction in ("mean", "none"):
-        loss = linear_cross_entropy(x.detach(), w, target, b.detach(), chunk_size=5, reduction=reduction,
-                                    k=3, lambda_tail=-0.1)
+        loss = linear_cross_entropy(x.detach(), w, target, linear_bias=b.detach(), options=chunks(5),
+                                    reduction=reduction, k=3, lambda_tail=-0.1)
         (grad_w,) = torch.autograd.grad(loss.sum(), w)
-        _, want = fused_and_unfused(x, w, b, target, chunk_size=5, reduction=reduction, k=3, lambda_tail=-0.1)
+        _, want = fused_and_unfused(x, w, b, target, options=chunks(5), reduction=reduction, k=3, lambda_tail=-0.1)
         torch.testing.assert_close(grad_w, want[1][1])
 
 
 def test_second_backward_raises_a_clear_error() -> None:
     x, w, b = layer(8, 4, 10, seed=12)
-    loss = linear_cross_entropy(x, w, random_targets(8, 10, seed=12), b)
+    loss = linear_cross_entropy(x, w, random_targets(8, 10, seed=12), linear_bias=b)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
@@ -248,7 +255,7 @@ def test_second_backward_raises_a_clear_error() -> None:
 def test_deterministic() -> None:
     x, w, b = layer(40, 16, 64, dtype=torch.float32, seed=13)
     target = random_targets(40, 64, seed=13)
-    runs = [fused_and_unfused(x, w, b, target, chunk_size=16, k=5, lambda_tail=-0.1)[0] for _ in range(2)]
+    runs = [fused_and_unfused(x, w, b, target, options=chunks(16), k=5, lambda_tail=-0.1)[0] for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(g, h) for g, h in zip(runs[0][1], runs[1][1], strict=True))
 
@@ -256,9 +263,9 @@ def test_deterministic() -> None:
 def test_module_form() -> None:
     x, w, b = layer(10, 8, 20, seed=14)
     target = random_targets(10, 20, seed=14)
-    criterion = precision_ce.PrecisionLinearCrossEntropyLoss(config=PRESETS["precision"], chunk_size=3)
-    loss = criterion(x, w, target, b)
-    torch.testing.assert_close(loss, linear_cross_entropy(x, w, target, b, beta=-0.25))
+    criterion = precision_ce.PrecisionLinearCrossEntropyLoss(config=PRESETS["precision"], options=chunks(3))
+    loss = criterion(x, w, target, linear_bias=b)
+    torch.testing.assert_close(loss, linear_cross_entropy(x, w, target, linear_bias=b, beta=-0.25))
     assert "precision" not in repr(criterion) or "beta=-0.25" in repr(criterion)
     with pytest.raises(ValueError, match="reduction"):
         precision_ce.PrecisionLinearCrossEntropyLoss(reduction="avg")
@@ -266,22 +273,32 @@ def test_module_form() -> None:
 
 def test_chunk_size_is_automatic_and_bounded() -> None:
     auto = linear_module.auto_chunk_rows
-    assert auto(4096, 32000, 256, 4) == 128  # 16 MiB of logits (the input is 4 MiB)
-    assert auto(16384, 128256, 4096, 2) == 512  # the input's 128 MiB
-    assert auto(10, 32000, 256, 4) == 10
-    assert auto(100000, 10**7, 8, 4) == 1
-    assert auto(4096, 8192, 256, 2) == 1024  # bf16: as many bytes, twice the rows
+    assert auto(4096, 32000, 256, 4) == 128  # 16 MiB of logits, 4x the input's 4 MiB
+    assert auto(16384, 128256, 4096, 2) == 2080  # 4x the input's 128 MiB, in rows of 16
+    assert auto(1024, 32000, 256, 4) == 32
+    assert auto(10, 32000, 256, 4) == 10  # never more than N
+    assert auto(100000, 10**7, 8, 4) == 16  # at least 16 rows
+    assert auto(4096, 8192, 256, 4) == 512
+    assert auto(4096, 8192, 256, 2) == 512  # the same rows in any dtype
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(w=torch.zeros(20, 7)), "weight must have shape"),
-    (dict(w=torch.zeros(20, 8, dtype=torch.float64)), "weight is torch.float64"),
-    (dict(b=torch.zeros(19)), "bias must be"),
+    (dict(w=torch.zeros(20, 7)), "linear_weight must have shape"),
+    (dict(w=torch.zeros(20, 8, dtype=torch.float64)), "linear_weight is torch.float64"),
+    (dict(b=torch.zeros(19)), "linear_bias must be"),
     (dict(t=torch.zeros(11, dtype=torch.long)), "target must have shape"),
-    (dict(t=torch.zeros(12)), "class-index targets"),
+    (dict(t=torch.zeros(12)), "class-probability targets must have shape"),
     (dict(t=torch.full((12,), 20)), "outside"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(class_weight=torch.ones(19)), "weight must have shape"),
+    (dict(weight=torch.ones(19)), "weight must have shape"),
+    (dict(weight=torch.ones(20, 8)), "the output layer's .* is linear_weight"),
+    (dict(options=torch.nn.LinearCrossEntropyOptions(acc_dtype=torch.float16)), "acc_dtype"),
+    (dict(options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3, chunking_method="aspect_ratio")),
+     "batch_chunk_size=3 and chunking_method"),
+    (dict(options={"batch_chunk_size": 4}), "LinearCrossEntropyOptions"),
+    (dict(class_weight=torch.ones(20)), r"class_weight= was renamed; pass weight="),
+    (dict(bias=torch.ones(20)), r"bias= was renamed; pass linear_bias="),
+    (dict(chunk_size=4), r"chunk_size= was renamed; pass options=torch.nn.LinearCrossEntropyOptions\(batch_chunk_size"),
+    (dict(chunk_sise=4), "unexpected keyword argument 'chunk_sise'"),
     (dict(reduction="avg"), "reduction"),
     (dict(k=0), "k must be"),
     (dict(backend="cuda"), "backend"),
@@ -293,7 +310,7 @@ def test_bad_arguments_raise_clear_errors(bad: dict, match: str) -> None:
         if name in bad:
             args[name] = bad.pop(name)
     with pytest.raises((ValueError, TypeError), match=match):
-        linear_cross_entropy(args["x"], args["w"], args["t"], args["b"], **bad)
+        linear_cross_entropy(args["x"], args["w"], args["t"], linear_bias=args["b"], **bad)
 
 
 # ------------------------------------------------------------------ memory
@@ -317,7 +334,7 @@ def test_memory_stays_far_below_the_logits() -> None:
     returned = (rows * hidden + vocab * hidden) * 4
 
     def fused():
-        loss = linear_cross_entropy(x, w, target, chunk_size=8, config=preset("tail_penalty", k=10))
+        loss = linear_cross_entropy(x, w, target, options=chunks(8), config=preset("tail_penalty", k=10))
         return torch.autograd.grad(loss, (x, w))
 
     def unfused():
@@ -352,8 +369,8 @@ def test_triton_path_matches_unfused(device: str, reduction: str, dtype: torch.d
         backend, where = ("torch", "cpu") if not fused and dtype == torch.float32 else ("triton", device)
         leaves = [t.detach().to(where).requires_grad_() for t in (x, w, b)]
         if fused:
-            loss = linear_cross_entropy(*leaves[:2], target.to(where), leaves[2], chunk_size=4,
-                                        class_weight=class_weight.to(where), backend=backend, **options)
+            loss = linear_cross_entropy(*leaves[:2], target.to(where), linear_bias=leaves[2], options=chunks(4),
+                                        weight=class_weight.to(where), backend=backend, **options)
         else:
             loss = cross_entropy(F.linear(*leaves), target.to(where), class_weight.to(where), backend=backend,
                                  **options)
@@ -387,10 +404,10 @@ def problems(draw):
         z_loss=draw(st.sampled_from([0.0, 1e-2])),
         softcap=draw(st.sampled_from([None, 4.0])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
-        chunk_size=draw(st.integers(1, rows + 2)),
+        options=chunks(draw(st.integers(1, rows + 2))),
     )
     if draw(st.booleans()):
-        options["class_weight"] = torch.rand(vocab, dtype=torch.float64) + 0.1
+        options["weight"] = torch.rand(vocab, dtype=torch.float64) + 0.1
     return x, w, b, target, options
 
 

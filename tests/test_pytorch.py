@@ -194,14 +194,15 @@ def _linear_case(preset: str, reduction: str, dtype: torch.dtype, options: dict,
     the layer tensors passed without requiring grad."""
     generator = torch.Generator().manual_seed(6)
     tensors = {"input": torch.randn(2, 5, 8, generator=generator).to(dtype),
-               "weight": (torch.randn(24, 8, generator=generator) * 0.7).to(dtype)}
+               "linear_weight": (torch.randn(24, 8, generator=generator) * 0.7).to(dtype)}
     if bias:
-        tensors["bias"] = (torch.randn(24, generator=generator) * 0.3).to(dtype)
+        tensors["linear_bias"] = (torch.randn(24, generator=generator) * 0.3).to(dtype)
     options = dict(options)
     if options.pop("class_weight", False):
-        options["class_weight"] = torch.rand(24, generator=generator, dtype=dtype) + 0.5
+        options["weight"] = torch.rand(24, generator=generator, dtype=dtype) + 0.5
     constants = {"target": random_targets(10, 24, seed=6, ignore_every=3).reshape(2, 5),
-                 "config": precision_ce.preset(preset, k=5), "reduction": reduction, "chunk_size": 4, **options}
+                 "config": precision_ce.preset(preset, k=5), "reduction": reduction,
+                 "options": torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4), **options}
     leaves = {name: t for name, t in tensors.items() if name not in frozen}
     return leaves, {**{name: tensors[name] for name in frozen}, **constants}
 
@@ -213,7 +214,7 @@ LINEAR_QUICK_CASES = [
     ("precision", "sum", torch.bfloat16, {}),
     ("tail_penalty", "mean", torch.float32, {"class_weight": True, **ALL_OPTIONS}),  # z-loss rescaled
     ("head_reward", "none", torch.float64, {"return_stats": True, "positive_reward": "focal"}),
-    ("diversity", "mean", torch.float32, {"return_stats": True}, False, ("weight",)),
+    ("diversity", "mean", torch.float32, {"return_stats": True}, False, ("linear_weight",)),
     ("tail_penalty", "none", torch.bfloat16, {"z_loss": 1e-3}, True, ("input",)),
 ]
 
@@ -247,8 +248,8 @@ def test_linear_compiled_fullgraph_matches_eager_full_grid(preset: str) -> None:
 def test_linear_dynamo_sees_no_graph_break() -> None:
     leaves, constants = _linear_case("tail_penalty", "mean", torch.float32, {"class_weight": True, **ALL_OPTIONS})
 
-    def loss(input, weight, bias):
-        return precision_ce.linear_cross_entropy(input, weight, bias=bias, **constants)
+    def loss(input, linear_weight, linear_bias):
+        return precision_ce.linear_cross_entropy(input, linear_weight, linear_bias=linear_bias, **constants)
 
     explanation = torch._dynamo.explain(loss)(**leaves)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
@@ -256,11 +257,12 @@ def test_linear_dynamo_sees_no_graph_break() -> None:
 
 def _linear_op_args(with_stats: bool) -> tuple[torch.Tensor | None, ...]:
     leaves, constants = _linear_case("tail_penalty", "mean", torch.float64, {"class_weight": True})
-    x, w, b = (t.detach().requires_grad_() for t in (leaves["input"].reshape(-1, 8), leaves["weight"], leaves["bias"]))
+    x, w, b = (t.detach().requires_grad_()
+               for t in (leaves["input"].reshape(-1, 8), leaves["linear_weight"], leaves["linear_bias"]))
     params = precision_ce.LossParams(RewardConfig(beta=-0.25, k=3, lambda_head=0.1, lambda_tail=-0.1),
                                      label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
-    return (x, w, b, constants["target"].reshape(-1), constants["class_weight"],
-            ("torch", "none", 4, torch.float64, *ops.params_args(params), with_stats))
+    return (x, w, b, constants["target"].reshape(-1), constants["weight"],
+            ("torch", "none", 4, torch.float64, torch.float64, *ops.params_args(params), with_stats))
 
 
 @pytest.mark.parametrize("with_stats", [False, True])
@@ -296,7 +298,8 @@ def test_linear_ops_refuse_a_second_derivative() -> None:
 def test_linear_under_torch_func_is_a_clear_error() -> None:
     leaves, constants = _linear_case("precision", "mean", torch.float32, {})
     with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
-        torch.func.grad(lambda x: precision_ce.linear_cross_entropy(x, leaves["weight"], **constants))(leaves["input"])
+        torch.func.grad(lambda x: precision_ce.linear_cross_entropy(x, leaves["linear_weight"], **constants))(
+            leaves["input"])
 
 
 # --- meta and fake tensors --------------------------------------------------------------------

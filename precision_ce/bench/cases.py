@@ -19,6 +19,9 @@ LINEAR_BASELINE = "F.linear+F.cross_entropy"
 """The baseline of the fused-linear cases: every ratio of such a case is taken against it."""
 UNFUSED_LINEAR = "F.linear+precision_ce"
 FUSED_LINEAR = "linear_cross_entropy"
+TORCH_CHUNKED = "F.linear_cross_entropy[chunked]"
+"""torch 2.13's own fused linear + cross-entropy (``options=nn.LinearCrossEntropyOptions()``): the
+fused-linear cases' ``*_vs_torch_chunked`` ratios are taken against it."""
 PRESET_NAMES: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
 
 DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -199,13 +202,10 @@ def _liger_loss() -> LossFn:
 
 def build_candidates(case: Case, presets: Sequence[str], compile_presets: Sequence[str],
                      compile_enabled: bool, compile_max_elements: int | None) -> list[Candidate]:
-    """Every candidate of ``case``, in measuring order; the ones that cannot run carry a skip note."""
+    """Every candidate of a logits ``case`` (``linear_cases.build_linear_candidates`` for the
+    fused-linear ones), in measuring order; the ones that cannot run carry a skip note."""
     import precision_ce
 
-    if case.hidden is not None:
-        from .linear_cases import build_linear_candidates
-
-        return build_linear_candidates(case, presets, compile_enabled)
     on_cuda = case.device == "cuda"
     candidates = [Candidate(BASELINE_CANDIDATE, "aten", "cross_entropy", _torch_cross_entropy)]
     compile_fce = Candidate("torch.compile(F.cross_entropy)", "inductor", "cross_entropy",

@@ -31,6 +31,7 @@ from .cases import (
     parse_shapes,
 )
 from .harness import bench_case
+from .linear_cases import build_linear_candidates
 from .report import (
     environment,
     format_measured,
@@ -161,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
         peak_bandwidth = peak_bandwidth(args, torch.cuda.get_device_properties(0).name)
     timing = Timing(args.device, args.min_time, args.warmup_ms, args.rep_ms)
 
-    plans = [(case, build_candidates(case, linear_presets if case.hidden else presets, compile_presets,
-                                     not args.no_compile,
-                                     args.compile_max_elements)) for case in cases]
+    plans = [(case, build_linear_candidates(case, linear_presets, not args.no_compile) if case.hidden
+              else build_candidates(case, presets, compile_presets, not args.no_compile, args.compile_max_elements))
+             for case in cases]
     total = sum((repeats + 2) * sum(1 for c in candidates if not c.skip) for _, candidates in plans)
     rows: list[dict[str, Any]] = []
     with tqdm(total=total, desc="bench", unit="step", disable=args.no_progress, file=sys.stderr,

@@ -2,6 +2,9 @@
 
 * ``F.linear`` + ``F.cross_entropy`` (the baseline; materialises the logits and their gradient);
 * ``torch.compile`` of it;
+* torch 2.13's chunked ``F.linear_cross_entropy`` (``options=nn.LinearCrossEntropyOptions()``, its
+  defaults), and ``torch.compile`` of it: torch's chunked op is opaque to Dynamo, which falls back
+  to eager at the op (a graph break), so the compiled form times the same kernels;
 * ``F.linear`` + ``precision_ce.cross_entropy`` per preset (the unfused loss; torch backend on CPU,
   Triton on CUDA);
 * ``precision_ce.linear_cross_entropy`` per preset, same backend;
@@ -17,7 +20,7 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .cases import FUSED_LINEAR, LINEAR_BASELINE, UNFUSED_LINEAR, Candidate, Case, _compiled
+from .cases import FUSED_LINEAR, LINEAR_BASELINE, TORCH_CHUNKED, UNFUSED_LINEAR, Candidate, Case, _compiled
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +33,18 @@ def _linear_then_torch_ce() -> LinearLossFn:
 
     def loss_fn(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(hidden, weight), target)
+
+    return loss_fn
+
+
+def _torch_chunked() -> LinearLossFn:
+    import torch
+    import torch.nn.functional as F
+
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def loss_fn(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.linear_cross_entropy(hidden, weight, target, options=options)
 
     return loss_fn
 
@@ -102,6 +117,15 @@ def build_linear_candidates(case: Case, presets: Sequence[str], compile_enabled:
     else:
         compiled.skip = "skipped: --no-compile"
     candidates.append(compiled)
+    candidates.append(Candidate(TORCH_CHUNKED, "aten", "cross_entropy", _torch_chunked, reference=LINEAR_BASELINE))
+    torch_compiled = Candidate(f"torch.compile({TORCH_CHUNKED})", "aten+inductor", "cross_entropy",
+                               reference=LINEAR_BASELINE, compiled=True,
+                               note="graph break: Dynamo falls back to eager at torch's chunked op")
+    if compile_enabled:
+        torch_compiled.make = _compiled(_torch_chunked)  # type: ignore[arg-type]
+    else:
+        torch_compiled.skip = "skipped: --no-compile"
+    candidates.append(torch_compiled)
     for name in presets:
         config = precision_ce.PRESETS[name]
         unfused = Candidate(UNFUSED_LINEAR, backend, name, lambda c=config: _linear_then_precision_ce(c, backend),

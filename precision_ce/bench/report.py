@@ -28,14 +28,15 @@ CSV_COLUMNS: tuple[str, ...] = (
     "spread", "repeats",
     "ratio_vs_torch_ce", "fwd_ratio_vs_torch_ce", "bwd_ratio_vs_torch_ce",
     "peak_extra_mb", "peak_extra_x_logits", "peak_ratio_vs_torch_ce",
-    "time_vs_unfused", "peak_vs_unfused",
+    "time_vs_unfused", "peak_vs_unfused", "time_vs_torch_chunked", "peak_vs_torch_chunked",
     "hbm_tbs", "hbm_fraction_of_peak", "compile_s", "note",
 )
 """Columns of ``results.csv``. Times are medians over repeats in ms; ``spread`` is the relative
 IQR of fwd+bwd, (q3 - q1) / median; ``ratio_vs_torch_ce`` is fwd+bwd time over that of
 ``F.cross_entropy`` (fused-linear cases, ``hidden`` set: ``F.linear`` + ``F.cross_entropy``) in the
 same case; ``*_vs_unfused`` for ``linear_cross_entropy`` against ``F.linear`` + ``precision_ce`` of
-the same preset; ``hbm_*`` only on logits cases on CUDA (assumed traffic, see
+the same preset; ``*_vs_torch_chunked`` for fused-linear rows against torch's chunked
+``F.linear_cross_entropy``; ``hbm_*`` only on logits cases on CUDA (assumed traffic, see
 ``assumed_hbm_bytes``)."""
 
 
@@ -93,7 +94,8 @@ def format_measured(rows: Sequence[dict[str, Any]]) -> str:
     for (device, dtype, tokens, vocab, hidden), case_rows in _by_case(rows).items():
         linear = hidden is not None
         header = (["candidate", "fwd ms", "bwd ms", "fwd+bwd ms", "IQR", "x F.ce", "peak extra MiB", "x logits"]
-                  + (["time x unfused", "peak x unfused"] if linear else [])
+                  + (["time x unfused", "peak x unfused", "time x torch chunked", "peak x torch chunked"]
+                     if linear else [])
                   + (["TB/s", "of peak"] if on_cuda and not linear else []) + ["note"])
         title = (f"{tokens} x {hidden} hidden states, {vocab} x {hidden} output layer "
                  f"(F.linear + F.cross_entropy is the x F.ce baseline)" if linear else f"{tokens} x {vocab} logits")
@@ -112,7 +114,8 @@ def format_measured(rows: Sequence[dict[str, Any]]) -> str:
                 _fmt(row.get("peak_extra_x_logits")),
             ]
             if linear:
-                cells += [_fmt(row.get("time_vs_unfused")), _fmt(row.get("peak_vs_unfused"))]
+                cells += [_fmt(row.get(column)) for column in ("time_vs_unfused", "peak_vs_unfused",
+                                                               "time_vs_torch_chunked", "peak_vs_torch_chunked")]
             elif on_cuda:
                 fraction = row.get("hbm_fraction_of_peak")
                 cells += [_fmt(row.get("hbm_tbs")), "" if fraction is None else f"{100 * fraction:.0f}%"]
@@ -163,6 +166,8 @@ PEER_STYLES: dict[str, tuple[str, str]] = {
     "torch.compile(F.linear+F.cross_entropy)": ("dimgray", "--"),
     "liger_fused_linear_cross_entropy": ("saddlebrown", "-."),
     "cut_cross_entropy": ("olive", "-."),
+    "F.linear_cross_entropy[chunked]": ("tab:cyan", "-"),
+    "torch.compile(F.linear_cross_entropy[chunked])": ("tab:cyan", "--"),
 }
 BACKEND_LINESTYLES: dict[str, str] = {"torch": "-", "triton": ":", "torch+inductor": "--"}
 FUSED_LINESTYLE = (0, (5, 1, 1, 1))

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .cases import BASELINE_CANDIDATE, FUSED_LINEAR, LINEAR_BASELINE, UNFUSED_LINEAR
+from .cases import BASELINE_CANDIDATE, FUSED_LINEAR, LINEAR_BASELINE, TORCH_CHUNKED, UNFUSED_LINEAR
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +86,9 @@ RATIO_COLUMNS: dict[str, str] = {
 
 UNFUSED_COLUMNS: dict[str, str] = {"time_vs_unfused": "fwd_bwd_ms", "peak_vs_unfused": "peak_extra_mb"}
 """linear_cross_entropy rows only: fwd+bwd time and peak over those of F.linear + precision_ce."""
+TORCH_CHUNKED_COLUMNS: dict[str, str] = {"time_vs_torch_chunked": "fwd_bwd_ms",
+                                         "peak_vs_torch_chunked": "peak_extra_mb"}
+"""Fused-linear rows: fwd+bwd time and peak over those of torch's chunked F.linear_cross_entropy."""
 
 
 def case_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -99,13 +102,15 @@ def add_ratios(rows: Iterable[dict[str, Any]],
                baselines: Sequence[str] = (BASELINE_CANDIDATE, LINEAR_BASELINE)) -> list[dict[str, Any]]:
     """Copies of ``rows`` with the ``RATIO_COLUMNS`` filled in against the baseline of the same case
     (a candidate named in ``baselines``: F.cross_entropy, or F.linear + F.cross_entropy for the
-    fused-linear cases), and ``UNFUSED_COLUMNS`` for the fused-linear loss against the unfused one
-    of the same preset and backend. A case without a measured baseline row gets None ratios.
+    fused-linear cases), ``UNFUSED_COLUMNS`` for the fused-linear loss against the unfused one
+    of the same preset and backend, and ``TORCH_CHUNKED_COLUMNS`` for every fused-linear row against
+    torch's chunked ``F.linear_cross_entropy``. A case without a measured baseline row gets None ratios.
     """
     rows = [dict(row) for row in rows]
     base_rows = {case_key(row): row for row in rows if row["candidate"] in baselines}
     unfused = {(case_key(row), row["backend"], row["preset"]): row for row in rows
                if row["candidate"] == UNFUSED_LINEAR}
+    torch_chunked = {case_key(row): row for row in rows if row["candidate"] == TORCH_CHUNKED}
     for row in rows:
         base = base_rows.get(case_key(row))
         for ratio_column, column in RATIO_COLUMNS.items():
@@ -113,6 +118,9 @@ def add_ratios(rows: Iterable[dict[str, Any]],
         twin = unfused.get((case_key(row), row["backend"], row["preset"])) if row["candidate"] == FUSED_LINEAR else None
         for ratio_column, column in UNFUSED_COLUMNS.items():
             row[ratio_column] = ratio_to_baseline(row.get(column), None if twin is None else twin.get(column))
+        chunked = torch_chunked.get(case_key(row)) if row.get("hidden") not in (None, "") else None
+        for ratio_column, column in TORCH_CHUNKED_COLUMNS.items():
+            row[ratio_column] = ratio_to_baseline(row.get(column), None if chunked is None else chunked.get(column))
     return rows
 
 

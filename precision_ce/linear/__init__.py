@@ -46,10 +46,10 @@ from ..api import (
 from ..config import LossParams, RewardConfig
 from ..ops import under_torch_func
 from ..reference import RowStats
-from .chunks import MIN_CHUNK_BYTES, LinearCrossEntropy, Plan, auto_chunk_rows
+from .chunks import LinearCrossEntropy, Plan, auto_chunk_rows
 from .ops import compiled_outputs
 
-__all__ = ["MIN_CHUNK_BYTES", "LinearCrossEntropyLoss", "PrecisionLinearCrossEntropyLoss", "auto_chunk_rows",
+__all__ = ["LinearCrossEntropyLoss", "PrecisionLinearCrossEntropyLoss", "auto_chunk_rows",
            "linear_cross_entropy"]
 
 RENAMED = {

@@ -16,27 +16,27 @@ from ..config import LossParams
 from ..ops import params_args, params_from, rescale_z_loss, triton_backend
 from ..reference import RowStats
 
-CHUNK_BYTES_PER_INPUT_BYTE = 1.0
-"""``auto_chunk_rows``: a chunk's logits take this many bytes per byte of the input (N, D); see
-docs/linear.md for the measurement that chose it."""
-MIN_CHUNK_BYTES = 4 << 20
-"""... and at least this many bytes (when N allows): each chunk adds g_c^T x_c into the whole
-(V, D) weight-gradient accumulator, a GEMM with only ``chunk`` rows of reduction, which runs
-below the matmul's speed when the chunk is small (docs/linear.md)."""
+CHUNK_BYTES_PER_INPUT_BYTE = 4
+"""``auto_chunk_rows``: a chunk's logits take this many bytes per byte of the input (N, D).
+
+Measured on CPU against torch 2.13's chunked ``F.linear_cross_entropy`` (docs/linear.md): time
+falls as chunks grow (each chunk's three GEMMs have only ``chunk`` rows, and each re-reads the
+(V, D) weight and its gradient's accumulator) and is flat from ~128-256 rows; memory grows by one
+chunk of logits. 4x the input is 4-8x torch's own chunk (``aspect_ratio:2``), which holds about
+nine chunk-sized buffers: the time of large chunks at less than torch's peak."""
+MIN_CHUNK_ROWS = 16
+"""... and at least this many rows (a tensor-core tile), when N allows."""
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int) -> int:
-    """Rows per chunk: a chunk of logits ``CHUNK_BYTES_PER_INPUT_BYTE`` times the input's size, or
-    MIN_CHUNK_BYTES if more.
+    """Rows per chunk: a chunk of logits ``CHUNK_BYTES_PER_INPUT_BYTE`` times the size of the input,
+    at least ``MIN_CHUNK_ROWS``, at most N; a multiple of 16 rows (tensor-core tiles) when more than 16.
 
     The extra memory then grows like the input's (N D), not like the logits' (N V): for V = 32000
-    and D = 256 a chunk holds ~1/125 of the rows. A multiple of 16 rows (tensor-core tiles) when
-    more than 16.
+    and D = 256 a chunk holds ~1/31 of the rows.
     """
-    budget = max(int(rows * hidden * element_size * CHUNK_BYTES_PER_INPUT_BYTE), MIN_CHUNK_BYTES)
-    chunk = max(1, budget // max(vocab * element_size, 1))
-    if chunk > 16:
-        chunk -= chunk % 16
+    chunk = CHUNK_BYTES_PER_INPUT_BYTE * rows * hidden * element_size // max(vocab * element_size, 1)
+    chunk = max(MIN_CHUNK_ROWS, chunk - chunk % 16)
     return max(1, min(rows, chunk))
 
 
@@ -288,6 +288,7 @@ def forward_chunks(
                 del logits
                 losses.append(loss)
                 _chunk_gradients(g, x, w, grads, chunk)
+                del g  # before the next chunk's logits: one chunk buffer alive at a time
                 continue
             loss, state, row_stats = backend.forward(logits, t, class_weight, plan.params, plan.with_stats)
             if z_scale is not None:
@@ -299,6 +300,7 @@ def forward_chunks(
                 g = backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
                 del logits
                 _chunk_gradients(g, x, w, grads, chunk)
+                del g
             elif plan.reduction == "none":
                 states.append(state)
     state = backend.RowState(*map(torch.cat, zip(*states, strict=True))) if states else None
@@ -323,6 +325,7 @@ def backward_chunks(
             g = backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
             del logits
             _chunk_gradients(g, x, w, grads, chunk)
+            del g
     return _finish(grads, (input.dtype, weight.dtype, None if bias is None else bias.dtype), None)
 
 
