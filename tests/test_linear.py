@@ -273,13 +273,13 @@ def test_module_form() -> None:
 
 def test_chunk_size_is_automatic_and_bounded() -> None:
     auto = linear_module.auto_chunk_rows
-    assert auto(4096, 32000, 256, 4) == 128  # 16 MiB of logits, 4x the input's 4 MiB
-    assert auto(16384, 128256, 4096, 2) == 2080  # 4x the input's 128 MiB, in rows of 16
-    assert auto(1024, 32000, 256, 4) == 32
+    assert auto(4096, 32000, 256, 4) == 128  # 4 N D / V rows: 16 MiB of logits, 4x the input's 4 MiB
+    assert auto(16384, 128256, 4096, 2) == 2080  # in rows of 16
+    assert auto(16384, 128256, 4096, 2, "cpu") == 8368  # 16-bit on CPU: 16 N D / V
+    assert auto(1024, 32000, 256, 4, "cpu") == 32
     assert auto(10, 32000, 256, 4) == 10  # never more than N
     assert auto(100000, 10**7, 8, 4) == 16  # at least 16 rows
-    assert auto(4096, 8192, 256, 4) == 512
-    assert auto(4096, 8192, 256, 2) == 512  # the same rows in any dtype
+    assert auto(4096, 8192, 256, 8) == 512  # fp64: the rows of fp32
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--linear-presets", default=None,
                         help="presets of the fused-linear cases, or all (default cpu: "
                              f"{DEFAULT_LINEAR_PRESETS['cpu']}; cuda: {DEFAULT_LINEAR_PRESETS['cuda']})")
+    parser.add_argument("--linear-max-logits-mb", type=float, default=None,
+                        help="fused-linear cases: skip the candidates that materialise the (N, V) logits "
+                             "(F.linear + a loss) when those take more than this many MiB (default: no limit)")
     parser.add_argument("--presets", default="all",
                         help=f"comma list of presets for precision_ce, or all (of {', '.join(PRESET_NAMES)})")
     parser.add_argument("--repeats", type=int, default=None,
@@ -162,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         peak_bandwidth = peak_bandwidth(args, torch.cuda.get_device_properties(0).name)
     timing = Timing(args.device, args.min_time, args.warmup_ms, args.rep_ms)
 
-    plans = [(case, build_linear_candidates(case, linear_presets, not args.no_compile) if case.hidden
+    plans = [(case, build_linear_candidates(case, linear_presets, not args.no_compile, args.linear_max_logits_mb)
+              if case.hidden
               else build_candidates(case, presets, compile_presets, not args.no_compile, args.compile_max_elements))
              for case in cases]
     total = sum((repeats + 2) * sum(1 for c in candidates if not c.skip) for _, candidates in plans)

@@ -103,36 +103,45 @@ def _cuda_peer(name: str, module: str, make: Callable[[], LinearLossFn], on_cuda
     return peer
 
 
-def build_linear_candidates(case: Case, presets: Sequence[str], compile_enabled: bool) -> list[Candidate]:
-    """Every candidate of a fused-linear ``case``, in measuring order; those that cannot run carry a skip."""
+def build_linear_candidates(case: Case, presets: Sequence[str], compile_enabled: bool,
+                            max_logits_mb: float | None = None) -> list[Candidate]:
+    """Every candidate of a fused-linear ``case``, in measuring order; those that cannot run carry a
+    skip. ``max_logits_mb``: skip the candidates that materialise the (N, V) logits beyond it."""
     import precision_ce
 
     on_cuda = case.device == "cuda"
     backend = "triton" if on_cuda else "torch"
-    candidates = [Candidate(LINEAR_BASELINE, "aten", "cross_entropy", _linear_then_torch_ce)]
+    logits_mb = case.elements * (4 if case.dtype == "fp32" else 2) / 2**20
+    too_large = (f"skipped: materialises {logits_mb:.0f} MiB of logits > --linear-max-logits-mb {max_logits_mb:g}"
+                 if max_logits_mb is not None and logits_mb > max_logits_mb else "")
+
+    def unless_too_large(candidate: Candidate) -> Candidate:
+        if too_large and not candidate.skip:
+            candidate.make, candidate.skip = None, too_large
+        return candidate
+
+    candidates = [unless_too_large(Candidate(LINEAR_BASELINE, "aten", "cross_entropy", _linear_then_torch_ce))]
     compiled = Candidate(f"torch.compile({LINEAR_BASELINE})", "inductor", "cross_entropy",
                          reference=LINEAR_BASELINE, compiled=True)
-    if compile_enabled:
-        compiled.make = _compiled(_linear_then_torch_ce)  # type: ignore[arg-type]
-    else:
-        compiled.skip = "skipped: --no-compile"
-    candidates.append(compiled)
-    candidates.append(Candidate(TORCH_CHUNKED, "aten", "cross_entropy", _torch_chunked, reference=LINEAR_BASELINE))
     torch_compiled = Candidate(f"torch.compile({TORCH_CHUNKED})", "aten+inductor", "cross_entropy",
                                reference=LINEAR_BASELINE, compiled=True,
                                note="graph break: Dynamo falls back to eager at torch's chunked op")
-    if compile_enabled:
-        torch_compiled.make = _compiled(_torch_chunked)  # type: ignore[arg-type]
-    else:
-        torch_compiled.skip = "skipped: --no-compile"
+    for candidate, make in ((compiled, _linear_then_torch_ce), (torch_compiled, _torch_chunked)):
+        if compile_enabled:
+            candidate.make = _compiled(make)  # type: ignore[arg-type]
+        else:
+            candidate.skip = "skipped: --no-compile"
+    candidates.append(unless_too_large(compiled))
+    candidates.append(Candidate(TORCH_CHUNKED, "aten", "cross_entropy", _torch_chunked, reference=LINEAR_BASELINE))
     candidates.append(torch_compiled)
     for name in presets:
         config = precision_ce.PRESETS[name]
         unfused = Candidate(UNFUSED_LINEAR, backend, name, lambda c=config: _linear_then_precision_ce(c, backend),
                             reference=LINEAR_BASELINE if config.is_cross_entropy else None)
-        candidates.append(unfused)
+        candidates.append(unless_too_large(unfused))
+        reference = TORCH_CHUNKED if too_large and config.is_cross_entropy else unfused.label
         candidates.append(Candidate(FUSED_LINEAR, backend, name, lambda c=config: _fused(c, backend),
-                                    reference=unfused.label))
+                                    reference=reference))
     candidates.append(_cuda_peer("liger_fused_linear_cross_entropy", "liger_kernel", _liger_fused, on_cuda,
                                  "liger-kernel"))
     candidates.append(_cuda_peer("cut_cross_entropy", "cut_cross_entropy", _cut_cross_entropy, on_cuda,

@@ -131,6 +131,7 @@ def _aspect_ratio_rows(method: str, rows: int, hidden: int, vocab: int) -> int:
 
 def _resolve_options(
     options: nn.LinearCrossEntropyOptions | None, rows: int, hidden: int, vocab: int, matmul_dtype: torch.dtype,
+    device_type: str,
 ) -> tuple[int, torch.dtype, bool]:
     """(rows per chunk, weight-gradient accumulator dtype, allow_retain_graph) from torch's options.
 
@@ -139,7 +140,7 @@ def _resolve_options(
     every intermediate is fp32 already, and the chunks add straight into the accumulator (torch's
     "compact")."""
     exact = reference.compute_dtype(matmul_dtype)
-    auto = auto_chunk_rows(rows, vocab, hidden, torch.finfo(matmul_dtype).bits // 8)
+    auto = auto_chunk_rows(rows, vocab, hidden, torch.finfo(matmul_dtype).bits // 8, device_type)
     if options is None:
         return auto, exact, False
     if not isinstance(options, nn.LinearCrossEntropyOptions):
@@ -232,7 +233,8 @@ def linear_cross_entropy(
     logits_like = torch.empty((), dtype=matmul_dtype, device=input.device).expand(rows, vocab)
     _check_tensors(logits_like, rows_target, weight)
     chosen = _backend(backend, logits_like)
-    chunk_rows, acc_dtype, allow_retain_graph = _resolve_options(options, rows, hidden, vocab, matmul_dtype)
+    chunk_rows, acc_dtype, allow_retain_graph = _resolve_options(options, rows, hidden, vocab, matmul_dtype,
+                                                                 input.device.type)
     denominator = z_scale = None
     if probabilities:
         chosen = _probability_backend(params, return_stats, chosen)

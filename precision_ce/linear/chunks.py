@@ -16,26 +16,32 @@ from ..config import LossParams
 from ..ops import params_args, params_from, rescale_z_loss, triton_backend
 from ..reference import RowStats
 
-CHUNK_BYTES_PER_INPUT_BYTE = 4
-"""``auto_chunk_rows``: a chunk's logits take this many bytes per byte of the input (N, D).
+CHUNK_ROWS_PER_INPUT_ROW = 4.0
+"""``auto_chunk_rows``: a chunk holds this many times N D / V rows, so that its logits take 4x the
+input's (N, D) bytes.
 
 Measured on CPU against torch 2.13's chunked ``F.linear_cross_entropy`` (docs/linear.md): time
 falls as chunks grow (each chunk's three GEMMs have only ``chunk`` rows, and each re-reads the
-(V, D) weight and its gradient's accumulator) and is flat from ~128-256 rows; memory grows by one
-chunk of logits. 4x the input is 4-8x torch's own chunk (``aspect_ratio:2``), which holds about
-nine chunk-sized buffers: the time of large chunks at less than torch's peak."""
+(V, D) weight and its gradient's accumulator), flat from ~128-256 rows at D = 256; memory grows by
+one chunk of logits. 4 N D / V rows is 4-8x torch's own chunk (``aspect_ratio:2``), which holds
+about nine chunk-sized buffers: near the time of large chunks at less than torch's peak."""
+CPU_16_BIT_CHUNK_ROWS_PER_INPUT_ROW = 16.0
+"""The same for 16-bit logits on CPU: each bf16 GEMM call costs far more there (measured: 64-row
+chunks 1.66x torch's time, 512-row ones 0.58x), so chunks are 4x longer."""
 MIN_CHUNK_ROWS = 16
 """... and at least this many rows (a tensor-core tile), when N allows."""
 
 
-def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int) -> int:
-    """Rows per chunk: a chunk of logits ``CHUNK_BYTES_PER_INPUT_BYTE`` times the size of the input,
-    at least ``MIN_CHUNK_ROWS``, at most N; a multiple of 16 rows (tensor-core tiles) when more than 16.
+def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int, device_type: str = "cuda") -> int:
+    """Rows per chunk: ``CHUNK_ROWS_PER_INPUT_ROW`` N D / V (``CPU_16_BIT_...`` for 16-bit logits on
+    CPU), at least ``MIN_CHUNK_ROWS``, at most N; a multiple of 16 (tensor-core tiles) when more than 16.
 
     The extra memory then grows like the input's (N D), not like the logits' (N V): for V = 32000
     and D = 256 a chunk holds ~1/31 of the rows.
     """
-    chunk = CHUNK_BYTES_PER_INPUT_BYTE * rows * hidden * element_size // max(vocab * element_size, 1)
+    factor = CPU_16_BIT_CHUNK_ROWS_PER_INPUT_ROW if device_type == "cpu" and element_size == 2 \
+        else CHUNK_ROWS_PER_INPUT_ROW
+    chunk = int(factor * rows * hidden // max(vocab, 1))
     chunk = max(MIN_CHUNK_ROWS, chunk - chunk % 16)
     return max(1, min(rows, chunk))
 
