@@ -229,6 +229,30 @@ def test_linear_shapes_parse_and_fused_ratios_pair_by_preset() -> None:
     assert [r["peak_vs_torch_chunked"] for r in out] == [10.0, 5.0, 0.5, 0.5, 1.0]
 
 
+
+def test_linear_targets_name_what_missed() -> None:
+    def case(hidden: int, ours_ms: float, ours_mb: float, tail_ms: float | None) -> list[dict]:
+        rows = [dict(_row("F.linear_cross_entropy[chunked]", fwd_bwd_ms=10.0, peak_extra_mb=10.0), hidden=hidden),
+                dict(_row("torch.compile(F.linear_cross_entropy[chunked])", fwd_bwd_ms=8.0), hidden=hidden),
+                dict(_row("linear_cross_entropy", fwd_bwd_ms=ours_ms, peak_extra_mb=ours_mb), hidden=hidden,
+                     preset="cross_entropy")]
+        if tail_ms is not None:
+            rows.append(dict(_row("linear_cross_entropy", fwd_bwd_ms=tail_ms), hidden=hidden, preset="tail_penalty"))
+        return rows
+
+    rows = bench.add_ratios(case(8, 8.0, 10.0, 10.0) + case(16, 9.5, 12.0, 13.0) + case(32, 5.0, 5.0, None)
+                            + [_row("F.cross_entropy", fwd_bwd_ms=1.0)])
+    met, missed, no_preset = bench.linear_targets(rows)
+    assert met["met"] and met["misses"] == [] and met["time_vs_torch_chunked"] == 0.8
+    assert met["time_vs_compiled_chunked"] == 1.0 and met["presets"] == {"tail_penalty": 1.25}
+    assert not missed["met"]
+    assert missed["misses"] == ["time_vs_torch_chunked 0.95 > 0.9", "peak_vs_torch_chunked 1.20 > 1",
+                                "tail_penalty time x our cross_entropy 1.37 > 1.3"]
+    assert no_preset["met"] and no_preset["presets"] == {}
+    table = bench.format_linear_targets(rows)
+    assert "| cpu fp32 64x16x512 | 0.95 | 1.2 | 1.19 | 1.37 | no |" in table
+
+
 def test_compile_failure_is_a_note_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_compile(*args: object, **kwargs: object) -> object:
         raise RuntimeError("inductor exploded\nsecond line")

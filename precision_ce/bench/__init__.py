@@ -58,14 +58,25 @@ from .cases import (
 from .cli import add_arguments, build_cases, run
 from .harness import bench_case
 from .memory import cpu_peak_from_events
-from .report import CSV_COLUMNS, format_table, write_csv, write_figures
-from .stats import Summary, add_ratios, assumed_hbm_bytes, peak_hbm_bandwidth, ratio_to_baseline, summarize
+from .report import CSV_COLUMNS, format_linear_targets, format_table, write_csv, write_figures
+from .stats import (
+    LINEAR_TARGETS,
+    Summary,
+    add_ratios,
+    assumed_hbm_bytes,
+    linear_targets,
+    peak_hbm_bandwidth,
+    ratio_to_baseline,
+    summarize,
+)
 from .timing import SamplePlan, Timing
 
 __all__ = [
-    "BASELINE_CANDIDATE", "CSV_COLUMNS", "DEFAULT_COMPILE_MAX_ELEMENTS", "LINEAR_BASELINE", "Candidate", "Case",
+    "BASELINE_CANDIDATE", "CSV_COLUMNS", "DEFAULT_COMPILE_MAX_ELEMENTS", "LINEAR_BASELINE", "LINEAR_TARGETS",
+    "Candidate", "Case",
     "SamplePlan", "Summary", "Timing", "add_arguments", "add_ratios", "assumed_hbm_bytes", "bench_case",
-    "build_candidates", "build_cases", "candidate_label", "cpu_peak_from_events", "format_table", "make_inputs",
+    "build_candidates", "build_cases", "candidate_label", "cpu_peak_from_events", "format_linear_targets",
+    "format_table", "linear_targets", "make_inputs",
     "parse_linear_shapes", "parse_names", "parse_shapes", "peak_hbm_bandwidth", "ratio_to_baseline", "run",
     "summarize", "write_csv", "write_figures",
 ]

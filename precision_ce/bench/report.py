@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cases import candidate_label
-from .stats import case_key, peak_hbm_bandwidth
+from .stats import LINEAR_TARGETS, case_key, linear_targets, peak_hbm_bandwidth
 
 if TYPE_CHECKING:
     import torch
@@ -151,7 +151,33 @@ def _shape(row: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Legend, the per-case tables of ``format_measured`` and the list of ``format_skipped``."""
     legend = TABLE_LEGEND + (CUDA_LEGEND if any(row["device"] == "cuda" for row in rows) else "")
-    return "\n".join(filter(None, [legend + "\n", format_measured(rows), format_skipped(rows)]))
+    return "\n".join(filter(None, [legend + "\n", format_measured(rows), format_linear_targets(rows),
+                                    format_skipped(rows)]))
+
+
+def format_linear_targets(rows: Sequence[dict[str, Any]]) -> str:
+    """Issue 18's targets per fused-linear case (``stats.linear_targets``): met, or what missed."""
+    verdicts = linear_targets(rows)
+    if not verdicts:
+        return ""
+    presets = sorted({name for verdict in verdicts for name in verdict["presets"]})
+    lines = [
+        f"Targets (linear_cross_entropy at the cross-entropy setting against torch's chunked "
+        f"F.linear_cross_entropy: time <= {LINEAR_TARGETS['time_vs_torch_chunked']:g}x, peak <= "
+        f"{LINEAR_TARGETS['peak_vs_torch_chunked']:g}x; other presets' time <= "
+        f"{LINEAR_TARGETS['preset_time_vs_cross_entropy']:g}x ours at the cross-entropy setting):", "",
+        "| case | time x torch chunked | peak x torch chunked | time x compiled torch chunked | "
+        + "".join(f"{name} time x ours CE | " for name in presets) + "met | missed |",
+        "|---|" + "---:|" * (3 + len(presets)) + "---|---|",
+    ]
+    for verdict in verdicts:
+        device, dtype, tokens, vocab, hidden = verdict["case"]
+        cells = [f"{device} {dtype} {tokens}x{hidden}x{vocab}", _fmt(verdict["time_vs_torch_chunked"]),
+                 _fmt(verdict["peak_vs_torch_chunked"]), _fmt(verdict["time_vs_compiled_chunked"]),
+                 *(_fmt(verdict["presets"].get(name)) for name in presets),
+                 "yes" if verdict["met"] else "no", "; ".join(verdict["misses"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 PRESET_COLORS: dict[str, str] = {

@@ -141,3 +141,47 @@ def peak_hbm_bandwidth(device_name: str) -> float | None:
         if all(part.lower() in name for part in parts):
             return value
     return None
+
+
+LINEAR_TARGETS: dict[str, float] = {"time_vs_torch_chunked": 0.9, "peak_vs_torch_chunked": 1.0,
+                                    "preset_time_vs_cross_entropy": 1.3}
+"""Issue 18's targets for a fused-linear case: ``linear_cross_entropy`` at the cross-entropy setting
+against torch's chunked ``F.linear_cross_entropy`` (fwd+bwd time, peak extra memory), and every
+other preset's fwd+bwd time against ours at the cross-entropy setting."""
+
+
+def linear_targets(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One verdict per fused-linear case with measured rows (``add_ratios`` already applied): the
+    ratios of ``LINEAR_TARGETS`` (None where a row is missing), ``time_vs_compiled_chunked`` (ours
+    over ``torch.compile`` of torch's chunked function), ``misses`` (what was not met, with the
+    measured ratio; a missing measurement is a miss) and ``met``."""
+    by_case: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("hidden") not in (None, ""):
+            by_case.setdefault(case_key(row), []).append(row)
+    verdicts = []
+    for key, case_rows in by_case.items():
+        fused = {row["preset"]: row for row in case_rows
+                 if row["candidate"] == FUSED_LINEAR and row.get("fwd_bwd_ms") is not None}
+        compiled = next((row for row in case_rows if row["candidate"] == f"torch.compile({TORCH_CHUNKED})"), None)
+        ours = fused.get("cross_entropy")
+        verdict: dict[str, Any] = {"case": key, "misses": []}
+        for column in ("time_vs_torch_chunked", "peak_vs_torch_chunked"):
+            verdict[column] = None if ours is None else ours.get(column)
+        verdict["time_vs_compiled_chunked"] = ratio_to_baseline(
+            None if ours is None else ours.get("fwd_bwd_ms"), None if compiled is None else compiled.get("fwd_bwd_ms"))
+        verdict["presets"] = {name: ratio_to_baseline(row.get("fwd_bwd_ms"), None if ours is None
+                                                      else ours.get("fwd_bwd_ms"))
+                              for name, row in fused.items() if name != "cross_entropy"}
+        checks = [(column, verdict[column], LINEAR_TARGETS[column])
+                  for column in ("time_vs_torch_chunked", "peak_vs_torch_chunked")]
+        checks += [(f"{name} time x our cross_entropy", value, LINEAR_TARGETS["preset_time_vs_cross_entropy"])
+                   for name, value in verdict["presets"].items()]
+        for name, value, bound in checks:
+            if value is None:
+                verdict["misses"].append(f"{name}: not measured")
+            elif value > bound:
+                verdict["misses"].append(f"{name} {value:.2f} > {bound:g}")
+        verdict["met"] = not verdict["misses"]
+        verdicts.append(verdict)
+    return verdicts
