@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import reference
@@ -401,3 +402,30 @@ def _vocab_parallel_cross_entropy(
     rows_loss, denominator = outputs[:2]
     return _result(_reduce_rows(rows_loss, reduction, denominator), outputs[2:] if return_stats else None,
                    reduction, target.shape, result_dtype(input))
+
+
+def output_layer_loss(layer: nn.Module, input: torch.Tensor, target: torch.Tensor, **loss_kwargs: Any) -> Any:
+    """``linear_cross_entropy(input, layer.weight, target, layer.bias, **loss_kwargs)`` computed as
+    ``layer``'s forward, so that its module hooks apply to the loss: FSDP2's ``fully_shard`` gathers
+    the weight before and reshards it after, and reduce-scatters its gradient, as for ``layer(input)``.
+
+    layer: the output layer (an ``nn.Linear`` with weight (V, D), maybe wrapped by fully_shard);
+    input: hidden states (..., D); target: class indices ``input.shape[:-1]``. Returns what
+    ``linear_cross_entropy`` returns. Needed where the layer is sharded on its own (not with the
+    module whose forward computes the loss): outside its forward its weight is a sharded DTensor.
+    """
+    from .linear import linear_cross_entropy
+
+    def loss_forward(hidden: torch.Tensor) -> Any:
+        return linear_cross_entropy(hidden, layer.weight, target, layer.bias, **loss_kwargs)
+
+    had_own_forward = "forward" in layer.__dict__
+    saved = layer.__dict__.get("forward")
+    layer.forward = loss_forward
+    try:
+        return layer(input)
+    finally:
+        if had_own_forward:
+            layer.forward = saved
+        else:
+            del layer.forward

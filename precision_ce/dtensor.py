@@ -128,6 +128,26 @@ def cross_entropy(
     return wrap(out, reduction == "none")
 
 
+def check_plain_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``linear_cross_entropy`` takes plain tensors: a DTensor weight or input gets an error naming the fix."""
+    if isinstance(weight, DTensor) or isinstance(bias, DTensor):
+        raise TypeError(
+            f"linear_cross_entropy: weight is a DTensor ({weight.placements if isinstance(weight, DTensor) else ''}), "
+            "i.e. sharded by FSDP2's fully_shard or by tensor parallelism, but the fused loss needs the whole "
+            "(V, D) matrix on every rank. Under fully_shard, compute the loss inside the output layer's forward, "
+            "where FSDP2 has gathered the weight: precision_ce.distributed.output_layer_loss(layer, input, "
+            "target, ...) does (or fully_shard the output layer together with its parent, whose forward computes "
+            "the loss). With a vocabulary-sharded weight (tensor parallelism), compute the logits with the layer "
+            "(ColwiseParallel(use_local_output=False)) and call precision_ce.cross_entropy on them"
+        )
+    if isinstance(input, DTensor):
+        raise TypeError(
+            "linear_cross_entropy: input is a DTensor; pass this rank's rows (input.to_local(), and the "
+            "target's) with a plain weight, and reduce across ranks yourself (reduction='sum' / the global "
+            "count of targets), or compute DTensor logits and call precision_ce.cross_entropy on them"
+        )
+
+
 def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
     stride, running = [], 1
     for size in reversed(shape):

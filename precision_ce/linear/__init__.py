@@ -44,6 +44,7 @@ from ..api import (
     result_dtype,
 )
 from ..config import RewardConfig
+from ..dtensor import check_plain_layer
 from ..ops import under_torch_func
 from ..reference import RowStats
 from .chunks import MIN_CHUNK_BYTES, LinearCrossEntropy, Plan, auto_chunk_rows
@@ -137,6 +138,7 @@ def linear_cross_entropy(
     reward = _reward_config(config, beta=beta, k=k, lambda_head=lambda_head, lambda_tail=lambda_tail,
                             positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
+    check_plain_layer(input, weight, bias)
     _check_layer(input, weight, bias, target)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
