@@ -16,7 +16,6 @@ import torch
 import transformers
 
 import precision_ce
-import precision_ce.hf
 from precision_ce.demo import make_markov_chain, sample_corpus
 
 VOCAB, SEQ = 512, 64

@@ -5,6 +5,9 @@ positive-reward scale ``beta`` and rank-aware rewards ``lambda_head`` / ``lambda
 tokens inside / outside the top-``k``, with fused Triton kernels on the GPU.
 """
 
+from typing import Any
+
+from . import distributed
 from .api import BACKENDS, PrecisionCrossEntropyLoss, cross_entropy
 from .config import PRESETS, LossParams, RewardConfig, preset
 from .linear import LinearCrossEntropyLoss, PrecisionLinearCrossEntropyLoss, linear_cross_entropy
@@ -20,7 +23,18 @@ __all__ = [
     "RewardConfig",
     "RowStats",
     "cross_entropy",
+    "distributed",
     "linear_cross_entropy",
     "preset",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``precision_ce.hf``: the transformers integration (precision_ce.integrations.hf), imported on
+    first use so that ``import precision_ce`` does not import transformers."""
+    if name == "hf":
+        from .integrations import hf
+
+        return hf
+    raise AttributeError(f"module 'precision_ce' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Literal
 
@@ -10,6 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: nothing is a DTensor
+    DTensor = ()  # type: ignore[assignment,misc]
 
 from . import ops, reference
 from .config import LossParams, RewardConfig, is_finite
@@ -153,19 +159,29 @@ def _check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -
         ops.check_target_range(target, classes, ignore_index)
 
 
+SumOver = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a small tensor over the ranks that hold other rows of one batch (an all-reduce), so that
+"mean" divides by the global count; ``precision_ce.dtensor`` passes one for batch-sharded DTensors."""
+
+
 def _mean_denominator(
     rows_target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, classes: int,
+    sum_over: SumOver | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """reduction="mean": the denominator of the row losses' sum, #rows or sum_r c_{y_r} over the
-    non-ignored rows, and the z-loss's ``z_scale`` for ``ops.rescale_z_loss`` (None when it is 1)."""
+    non-ignored rows (of every rank of ``sum_over``), and the z-loss's ``z_scale`` for
+    ``ops.rescale_z_loss`` (None when it is 1)."""
     valid = rows_target != params.ignore_index
+    count = valid.sum()
     if weight is None:
-        return valid.sum(), None
+        return (count if sum_over is None else sum_over(count)), None
     # Clamped: an unchecked out-of-range target must not index out of bounds (its row is NaN).
     class_weight = weight[torch.where(valid, rows_target, 0).clamp(0, classes - 1)]
     denominator = torch.where(valid, class_weight, 0).sum()
+    if sum_over is not None:
+        denominator, count = sum_over(torch.stack([denominator.double(), count.double()])).to(denominator.dtype)
     # The z-loss is a plain mean over positions (spec section 3).
-    return denominator, (denominator / valid.sum() if params.has_z_loss else None)
+    return denominator, (denominator / count if params.has_z_loss else None)
 
 
 def _backend_module(name: str, logits: torch.Tensor) -> ModuleType:
@@ -277,6 +293,18 @@ def cross_entropy(
     reward = _reward_config(config, beta=beta, k=k, lambda_head=lambda_head, lambda_tail=lambda_tail,
                             positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
+    if any(isinstance(value, DTensor) for value in (input, target, weight)):
+        from . import dtensor  # DTensor in, DTensor out: the local loss below on each rank's shard
+
+        return dtensor.cross_entropy(input, target, weight, reduction, params, return_stats, backend, check_targets)
+    return _cross_entropy(input, target, weight, reduction, params, return_stats, backend, check_targets)
+
+
+def _cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str, params: LossParams,
+    return_stats: bool, backend: Backend, check_targets: bool | None, sum_over: SumOver | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
+    """``cross_entropy`` of plain tensors, arguments checked; ``sum_over``: see ``SumOver``."""
     if _check_tensors(input, target, weight):
         return _probability_targets(input, target, weight, reduction, params, return_stats, backend)
 
@@ -289,18 +317,18 @@ def cross_entropy(
     chosen = _backend(backend, logits)
     # Only the kernel is safe with unchecked targets (it writes NaN rows); elsewhere check.
     if check_targets or (check_targets is None and (not input.is_cuda or chosen == "torch")):
-        _check_target_range(target, classes, ignore_index)
+        _check_target_range(target, classes, params.ignore_index)
 
     # torch's own loss where it is exact: fp32/fp64 at the plain setting. 16-bit logits take our
     # path, which computes in fp32 (torch's CPU kernels round the target's gradient to 16 bits).
     if (chosen == "torch" and params.is_plain_cross_entropy and not return_stats
-            and input.dtype in EXACT_DTYPES):
-        return _torch_cross_entropy(input, target.long(), weight, ignore_index=ignore_index,
-                                    reduction=reduction, label_smoothing=label_smoothing)
+            and input.dtype in EXACT_DTYPES and not (sum_over and reduction == "mean")):
+        return _torch_cross_entropy(input, target.long(), weight, ignore_index=params.ignore_index,
+                                    reduction=reduction, label_smoothing=params.label_smoothing)
 
     denominator = z_scale = None
     if reduction == "mean":
-        denominator, z_scale = _mean_denominator(rows_target, weight, params, classes)
+        denominator, z_scale = _mean_denominator(rows_target, weight, params, classes, sum_over)
     rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, return_stats)
     return _result(_reduce_rows(rows_loss, reduction, denominator), stats, reduction, target.shape,
                    result_dtype(input))

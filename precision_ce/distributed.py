@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import reference
 from .api import (
     REDUCTIONS,
+    SumOver,
     _backend_module,
     _check_target_range,
     _check_tensors,
@@ -116,7 +118,7 @@ def _zero_target(values: torch.Tensor, column: torch.Tensor, owned: torch.Tensor
 
 def forward(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, shard: Shard,
-    with_stats: bool, z_loss_plain_mean: bool, backend: ModuleType = reference,
+    with_stats: bool, z_loss_plain_mean: bool, backend: ModuleType = reference, sum_over: SumOver | None = None,
 ) -> tuple[torch.Tensor, Any, RowStats | None, torch.Tensor]:
     """Loss per row (identical on every rank), this rank's row state, stats and the mean's denominator.
 
@@ -124,7 +126,8 @@ def forward(
     z_loss_plain_mean: rescale the z-loss so that the class-weighted mean leaves it a plain mean.
     backend: ``reference`` (torch ops) or ``triton_backend`` (the shard's passes in one kernel,
     ``triton_backend.shard_partials``); the row state is that backend's ``RowState``.
-    The denominator is sum_r c_{y_r} (or the count) over non-ignored rows.
+    The denominator is sum_r c_{y_r} (or the count) over non-ignored rows, summed by ``sum_over``
+    over the ranks that hold other rows of the batch (``api.SumOver``; a DTensor sharded on both).
     """
     rows, shard_vocab = logits.shape
     reward, group, vocab, start = params.reward, shard.group, shard.vocab, shard.vocab_start
@@ -232,12 +235,15 @@ def forward(
     row_sums = RowSums(row_max, log_sum_exp, log_pi_y, log1m_pi_y, plogp, smooth_log_p, head, c_y)
     loss, state = reference.shaped_rows(row_sums, valid, class_weight_sum, vocab, params)
 
-    denominator = torch.where(valid, c_y, 0.0).sum() if weight is not None else valid.sum().to(cdt)
+    count = valid.sum().to(cdt)
+    denominator = torch.where(valid, c_y, 0.0).sum() if weight is not None else count
+    if sum_over is not None:
+        denominator, count = sum_over(torch.stack([denominator, count]))
     if z_loss_plain_mean:
         # api's convention (spec section 3), applied to the target's logit as a one-column shard.
         target_column = torch.where(valid, 0, -1)
         loss, state = rescale_z_loss(x_y[:, None], target_column, dataclasses.replace(params, ignore_index=-1),
-                                      loss, state, denominator / valid.sum())
+                                      loss, state, denominator / count)
     if kernels:
         # The kernels index per-row numbers densely; columns of the all-reduced tensors are strided.
         state = backend.RowState(*(field.float().contiguous() for field in state[:6]), found.threshold,
@@ -301,9 +307,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-row loss of a vocabulary shard; the backward pass is the backend's own, on the shard."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, params, shard, with_stats, z_loss_plain_mean, backend):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, params, shard, with_stats, z_loss_plain_mean, backend,  # type: ignore[override]
+                sum_over):
         loss, state, stats, denominator = forward(logits, target, weight, params, shard, with_stats,
-                                                  z_loss_plain_mean, backend)
+                                                  z_loss_plain_mean, backend, sum_over)
         ctx.save_for_backward(logits, target, weight, *state)
         ctx.params, ctx.shard, ctx.backend = params, shard, backend
         outputs = (loss, denominator, *(stats or ()))
@@ -317,7 +324,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         shard = ctx.shard
         grad = ctx.backend.backward(logits, target, weight, ctx.params, ctx.backend.RowState(*state), grad_loss,
                                     vocab=shard.vocab, vocab_start=shard.vocab_start)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -365,6 +372,14 @@ def vocab_parallel_cross_entropy(
     reward = _reward_config(config, beta=beta, k=k, lambda_head=lambda_head, lambda_tail=lambda_tail,
                             positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
+    return _vocab_parallel_cross_entropy(input, target, weight, reduction, params, return_stats, backend, group)
+
+
+def _vocab_parallel_cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str, params: LossParams,
+    return_stats: bool, backend: str, group: Any, sum_over: SumOver | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
+    """``vocab_parallel_cross_entropy`` with its arguments checked; ``sum_over``: see ``api.SumOver``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "vocab_parallel_cross_entropy needs torch.distributed: call "
@@ -380,10 +395,37 @@ def vocab_parallel_cross_entropy(
     logits = input.reshape(-1, input.shape[-1])
     rows_target = target.reshape(-1).long()
     shard = shard_of(logits, weight, group)
-    _check_target_range(target, shard.vocab, ignore_index)
+    _check_target_range(target, shard.vocab, params.ignore_index)
     z_loss_plain_mean = reduction == "mean" and weight is not None and params.has_z_loss
     outputs = _VocabParallelCrossEntropy.apply(logits, rows_target, weight, params, shard, return_stats,
-                                               z_loss_plain_mean, chosen)
+                                               z_loss_plain_mean, chosen, sum_over if reduction == "mean" else None)
     rows_loss, denominator = outputs[:2]
     return _result(_reduce_rows(rows_loss, reduction, denominator), outputs[2:] if return_stats else None,
                    reduction, target.shape, result_dtype(input))
+
+
+def output_layer_loss(layer: nn.Module, input: torch.Tensor, target: torch.Tensor, **loss_kwargs: Any) -> Any:
+    """``linear_cross_entropy(input, layer.weight, target, layer.bias, **loss_kwargs)`` computed as
+    ``layer``'s forward, so that its module hooks apply to the loss: FSDP2's ``fully_shard`` gathers
+    the weight before and reshards it after, and reduce-scatters its gradient, as for ``layer(input)``.
+
+    layer: the output layer (an ``nn.Linear`` with weight (V, D), maybe wrapped by fully_shard);
+    input: hidden states (..., D); target: class indices ``input.shape[:-1]``. Returns what
+    ``linear_cross_entropy`` returns. Needed where the layer is sharded on its own (not with the
+    module whose forward computes the loss): outside its forward its weight is a sharded DTensor.
+    """
+    from .linear import linear_cross_entropy
+
+    def loss_forward(hidden: torch.Tensor) -> Any:
+        return linear_cross_entropy(hidden, layer.weight, target, layer.bias, **loss_kwargs)
+
+    had_own_forward = "forward" in layer.__dict__
+    saved = layer.__dict__.get("forward")
+    layer.forward = loss_forward
+    try:
+        return layer(input)
+    finally:
+        if had_own_forward:
+            layer.forward = saved
+        else:
+            del layer.forward

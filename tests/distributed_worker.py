@@ -8,6 +8,7 @@ docs/distributed.md (bytes per row, memory, errors).
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -316,6 +317,10 @@ def worker(rank: int, world: int, store: str, cases: list[dict[str, Any]], sizes
             results["memory"] = run_memory(rank)
         if "memory_large" in extras:  # 64 MiB shards at the torch backend's own chunk size
             results["memory_large"] = run_memory(rank, 4096, 4096, reference.CHUNK_ELEMENTS)
+        for extra in extras:
+            if ":" in extra:  # "module:function", a worker of another test module: function(rank, world)
+                module, function = extra.split(":")
+                results[extra] = getattr(importlib.import_module(module), function)(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

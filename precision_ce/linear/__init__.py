@@ -44,6 +44,7 @@ from ..api import (
     result_dtype,
 )
 from ..config import LossParams, RewardConfig
+from ..dtensor import check_plain_layer
 from ..ops import under_torch_func
 from ..reference import RowStats
 from .chunks import LinearCrossEntropy, Plan, auto_chunk_rows
@@ -215,6 +216,7 @@ def linear_cross_entropy(
         Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``, in their own dtypes.
     """
     _reject_removed("linear_cross_entropy", removed)
+    check_plain_layer(input, linear_weight, linear_bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     probabilities = _check_layer(input, linear_weight, linear_bias, target, weight)

@@ -35,8 +35,8 @@ from torch import nn
 
 import precision_ce
 
-from . import api
-from .config import RewardConfig
+from .. import api
+from ..config import RewardConfig
 
 try:
     import transformers
