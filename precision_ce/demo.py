@@ -41,8 +41,7 @@ from tqdm import tqdm
 
 from .api import cross_entropy
 from .config import PRESETS, RewardConfig, preset
-
-DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
+from .training import DEFAULT_PRESETS, parse_presets, single_thread_on_cpu, train
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "val_ce", "val_ppl", "entropy", "topk_mass", "head_entropy", "tail_mass", "kl", "top1_acc",
@@ -337,16 +336,8 @@ def train_presets(
     if not presets:
         raise ValueError("give at least one preset")
     device = torch.device(device)
-    if device.type != "cpu":
+    with single_thread_on_cpu(device):
         return _train_presets(presets, settings, device, progress)
-    # The model and batches are tiny: intra-op threads cost more in synchronisation than they
-    # save, and on a busy machine far more (measured 10-20x slower per step with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_presets(presets, settings, device, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch.device,
@@ -372,17 +363,6 @@ def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch
     return DemoResult(settings, results, true_chain_metrics(chain, val_pairs, settings.k))
 
 
-def cosine_to_a_tenth(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay of the learning rate from its peak to a tenth of it over ``steps`` steps (then
-    flat): the final metrics describe a settled model rather than one noisy Adam step (at the peak
-    rate the entropy wanders by a few hundredths of a nat)."""
-
-    def rate_factor(step: int) -> float:
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
-
-
 def _train_one(
     name: str,
     config: RewardConfig,
@@ -398,24 +378,20 @@ def _train_one(
     # Same seed for the weights and for the batch order: presets differ only in their loss.
     torch.manual_seed(settings.seed)
     model = NextTokenMLP(settings.vocab_size, settings.embedding_dim, settings.hidden_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    schedule = cosine_to_a_tenth(optimizer, settings.steps)
-    batch_generator = torch.Generator().manual_seed(settings.seed + 3)
     train_context, train_target = train_pairs
-
     curve = [(0, exact_metrics(model, chain, settings.k)["entropy"])]
-    for step in range(1, settings.steps + 1):
-        batch = torch.randint(0, train_context.shape[0], (settings.batch_size,),
-                              generator=batch_generator).to(device)
-        logits = model(train_context[batch])
-        loss = cross_entropy(logits, train_target[batch], config=config, backend="auto")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(model(train_context[batch]), train_target[batch], config=config, backend="auto")
+
+    def after_step(step: int) -> None:
         if step % settings.eval_interval == 0 or step == settings.steps:
             curve.append((step, exact_metrics(model, chain, settings.k)["entropy"]))
         bar.update(1)
+
+    train(model, batch_loss, examples=train_context.shape[0], batch_size=settings.batch_size, steps=settings.steps,
+          learning_rate=settings.learning_rate, generator=torch.Generator().manual_seed(settings.seed + 3),
+          after_step=after_step)
 
     model.eval()
     val_ce = validation_cross_entropy(model, val_pairs)
@@ -550,12 +526,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device to train on (default: cuda if available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("demo-out"),
                         help="directory for the CSVs and figures (default: demo-out)")
-
-
-def parse_presets(text: str) -> list[str]:
-    """Comma-separated preset names, duplicates dropped; [] when empty or any name is unknown."""
-    presets = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    return presets if all(name in PRESETS for name in presets) else []
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from precision_ce import cli
+from precision_ce.causal_lm import TinyCausalLM, sample
 from precision_ce.rl import QUICK, run_experiment
 from precision_ce.rl.grpo import clipped_surrogate_loss, group_advantages
 from precision_ce.rl.metrics import default_ks, pass_at_k
-from precision_ce.rl.model import TinyCausalLM, sample
 from precision_ce.rl.task import (
     CORPUS_KINDS,
     IGNORE_INDEX,

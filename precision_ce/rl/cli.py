@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS
-from ..demo import parse_presets
-from .experiment import DEFAULT_PRESETS, DEFAULT_SEEDS, QUICK, TRAINERS, RLSettings, run_experiment
+from ..training import DEFAULT_PRESETS, parse_presets
+from .experiment import DEFAULT_SEEDS, QUICK, TRAINERS, RLSettings, run_experiment
 from .report import format_tables, plot_figures, write_csvs
 
 

@@ -7,23 +7,22 @@ Pass@k is measured on the held-out test prompts before and after RL.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
 
+from ..causal_lm import TinyCausalLM
 from ..config import PRESETS, RewardConfig, preset
+from ..training import DEFAULT_PRESETS, single_thread_on_cpu
 from .grpo import GRPOSettings, RLCurves, train_grpo
 from .metrics import Evaluation, default_ks, evaluate
-from .model import TinyCausalLM
 from .pretrain import PretrainSettings, pretrain
 from .task import Corpus, PathTask, make_corpus, make_task
 
-DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
 TRAINERS: tuple[str, ...] = ("builtin", "trl")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 """Report seeds. The task and recipe were sized on seeds 100-102 only (docs/rl.md), never on these."""
@@ -92,20 +91,6 @@ class ExperimentResult:
 
     def run(self, name: str, seed: int) -> RunResult:
         return next(r for r in self.runs if r.preset == name and r.seed == seed)
-
-
-@contextlib.contextmanager
-def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Tiny models: intra-op threads cost more in synchronisation than they save (see demo.py)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int] = DEFAULT_SEEDS,
