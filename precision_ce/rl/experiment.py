@@ -36,6 +36,7 @@ class RLSettings:
     out_degree: int = 3  # successors per node; also the loss's k for the rank-aware presets
     max_answer_len: int = 8
     min_distance: int = 4  # shortest path of a prompt, in edges
+    test_min_distance: int | None = None  # shortest path of a test prompt (default: min_distance)
     test_prompts: int = 64  # held out from pre-training and RL; Pass@k is measured on them
     corpus_size: int = 16384
     mistake_rate: float = 0.3
@@ -65,6 +66,22 @@ QUICK = RLSettings(
     grpo=GRPOSettings(steps=60, prompts_per_step=8, group_size=8, learning_rate=2e-3),
 )
 """``--quick``: a run of seconds for tests and smoke checks."""
+
+
+KNOBS: tuple[str, ...] = ("beta", "lambda_head", "lambda_tail")
+
+
+def reward_config(name: str, k: int) -> RewardConfig:
+    """A preset by name (``"precision"``), or one knob set away from cross-entropy (``"beta=-0.5"``,
+    ``"lambda_tail=-0.2"``, ``"lambda_head=0.1"``); k is the task's k either way."""
+    if name in PRESETS:
+        return preset(name, k=k)
+    knob, _, value = name.partition("=")
+    try:
+        return RewardConfig(k=k, **{knob: float(value)}) if knob in KNOBS else preset(name)
+    except ValueError as error:
+        raise ValueError(f"unknown preset or knob setting {name!r}: use a name from {sorted(PRESETS)} or "
+                         f"KNOB=VALUE with KNOB in {KNOBS} ({error})") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +115,10 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
                    progress: bool = True) -> ExperimentResult:
     """Pre-train and RL every (seed, preset); evaluate Pass@k before and after RL."""
     settings = settings or RLSettings()
-    unknown = [name for name in presets if name not in PRESETS]
-    if unknown or not presets:
-        raise ValueError(f"presets must be a non-empty list from {sorted(PRESETS)}, got {list(presets)}")
+    if not presets:
+        raise ValueError(f"presets must be a non-empty list of names from {sorted(PRESETS)} or knob settings")
+    for name in presets:
+        reward_config(name, settings.k)  # raises on an unknown name
     if not seeds:
         raise ValueError("give at least one seed")
     if settings.trainer not in TRAINERS:
@@ -114,8 +132,7 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
     with single_thread_on_cpu(device):
         for seed in seeds:
             task = make_task(settings.num_nodes, settings.out_degree, settings.max_answer_len,
-                             settings.test_prompts, seed,
-                             settings.min_distance)
+                             settings.test_prompts, seed, settings.min_distance, settings.test_min_distance)
             corpus = make_corpus(task, settings.corpus_size, settings.mistake_rate, settings.noise_rate, seed + 1)
             composition = composition or corpus.composition()
             for name in presets:
@@ -128,7 +145,7 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
 def _run_one(name: str, seed: int, task: PathTask, corpus: Corpus, settings: RLSettings, device: torch.device,
              bar: tqdm) -> RunResult:
     start = time.perf_counter()
-    config = preset(name, k=settings.k)
+    config = reward_config(name, settings.k)
     torch.manual_seed(seed)  # same initial weights for every preset
     if settings.trainer == "trl":
         from .trl_trainer import HFCausalLM
