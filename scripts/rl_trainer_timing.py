@@ -12,11 +12,12 @@ import time
 
 import torch
 
-from precision_ce.rl.experiment import RLSettings, single_thread_on_cpu
+from precision_ce.causal_lm import TinyCausalLM
+from precision_ce.rl.experiment import RLSettings
 from precision_ce.rl.grpo import train_grpo
-from precision_ce.rl.model import TinyCausalLM
 from precision_ce.rl.task import make_task
 from precision_ce.rl.trl_trainer import HFCausalLM, train_grpo_trl
+from precision_ce.training import single_thread_on_cpu
 
 
 def main() -> None:

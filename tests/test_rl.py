@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from precision_ce import cli
+from precision_ce.causal_lm import TinyCausalLM, sample
+from precision_ce.config import RewardConfig
 from precision_ce.rl import QUICK, run_experiment
+from precision_ce.rl.experiment import reward_config
 from precision_ce.rl.grpo import clipped_surrogate_loss, group_advantages
 from precision_ce.rl.metrics import default_ks, pass_at_k
-from precision_ce.rl.model import TinyCausalLM, sample
+from precision_ce.rl.study import run_study
+from precision_ce.rl.study_report import bootstrap_interval, format_study_tables, sign_test
 from precision_ce.rl.task import (
     CORPUS_KINDS,
     IGNORE_INDEX,
@@ -271,3 +275,58 @@ def test_trl_trainer_runs_the_same_pipeline() -> None:
     assert len(run.curves.reward) == len(run.curves.entropy) == len(run.curves.length) == 6
     assert all(0.0 <= r <= 1.0 for r in run.curves.reward) and all(e > 0 for e in run.curves.entropy)
     assert 0.0 < run.before.pass_at[1] < 1.0 and run.before.pass_at != run.after.pass_at  # RL changed the model
+
+
+# --- The study: harder test prompts, knob settings, paired statistics ----------------------------
+
+
+def test_test_min_distance_holds_out_only_hard_prompts_and_defaults_to_the_old_split() -> None:
+    hard = make_task(num_nodes=30, out_degree=3, max_answer_len=7, test_prompts=12, seed=5, min_distance=2,
+                     test_min_distance=4)
+    assert (hard.distance[hard.test_pairs[:, 0], hard.test_pairs[:, 1]] >= 4).all()
+    assert (hard.distance[hard.train_pairs[:, 0], hard.train_pairs[:, 1]] < 4).any()  # easy ones train
+    assert not {tuple(p) for p in hard.train_pairs.tolist()} & {tuple(p) for p in hard.test_pairs.tolist()}
+    default = make_task(num_nodes=30, out_degree=3, max_answer_len=7, test_prompts=12, seed=5, min_distance=2)
+    explicit = make_task(num_nodes=30, out_degree=3, max_answer_len=7, test_prompts=12, seed=5, min_distance=2,
+                         test_min_distance=2)
+    assert torch.equal(default.test_pairs, explicit.test_pairs)
+    assert torch.equal(default.train_pairs, explicit.train_pairs)
+    with pytest.raises(ValueError, match="at least 7 apart"):
+        make_task(num_nodes=30, out_degree=3, max_answer_len=7, test_prompts=12, seed=5, test_min_distance=7)
+
+
+def test_reward_config_names() -> None:
+    assert reward_config("precision", 3) == RewardConfig(beta=-0.25, k=3)
+    assert reward_config("beta=-0.5", 3) == RewardConfig(beta=-0.5, k=3)
+    assert reward_config("lambda_tail=-0.2", 4) == RewardConfig(k=4, lambda_tail=-0.2)
+    for bad in ("nope", "beta=x", "k=3", "beta=-1"):
+        with pytest.raises(ValueError, match="unknown preset or knob setting"):
+            reward_config(bad, 3)
+
+
+def test_sign_test_and_bootstrap_interval() -> None:
+    assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert sign_test(10, 0) == pytest.approx(2 / 1024) and sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    assert bootstrap_interval([2.0] * 10) == (2.0, 2.0)
+    low, high = bootstrap_interval([float(i) for i in range(10)])
+    assert 2.0 < low < 4.5 < high < 7.0  # around the mean 4.5, inside the range
+    assert bootstrap_interval([1.0, 3.0, 2.0]) == bootstrap_interval([1.0, 3.0, 2.0])  # fixed generator
+
+
+def test_study_pipeline_on_a_tiny_task(tmp_path: Path) -> None:
+    settings = dataclasses.replace(QUICK, eval_samples=64, test_min_distance=3,
+                                   pretrain=dataclasses.replace(QUICK.pretrain, steps=10),
+                                   grpo=dataclasses.replace(QUICK.grpo, steps=2))
+    result = run_study((100, 101), settings, out_dir=tmp_path,
+                       groups=(("cross_entropy", "precision"), ("beta=-0.5",)))
+    assert result.seeds == (100, 101) and len(result.runs) == 6
+    tests = read_csv(tmp_path / "rl_study_tests.csv")
+    assert {(r["preset"], r["stage"], r["k"]) for r in tests} == {
+        (p, s, str(k)) for p in ("precision", "beta=-0.5") for s in ("before", "after") for k in (1, 8, 64)}
+    paired = read_csv(tmp_path / "rl_study_paired.csv")
+    row = next(r for r in paired if r["preset"] == "precision" and r["seed"] == "101" and r["k"] == "8")
+    assert float(row["diff_points"]) == pytest.approx(
+        100 * (float(row["pass_at_k"]) - float(row["cross_entropy_pass_at_k"])), abs=1e-3)
+    assert {r["seed"] for r in read_csv(tmp_path / "rl_study_pass_at_k.csv")} == {"100", "101"}
+    assert (tmp_path / "rl_study_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "beta=-0.5" in format_study_tables(result)

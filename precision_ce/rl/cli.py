@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from ..config import PRESETS
-from ..demo import parse_presets
-from .experiment import DEFAULT_PRESETS, DEFAULT_SEEDS, QUICK, TRAINERS, RLSettings, run_experiment
+from ..training import DEFAULT_PRESETS, parse_presets
+from .experiment import DEFAULT_SEEDS, QUICK, TRAINERS, RLSettings, run_experiment
 from .report import format_tables, plot_figures, write_csvs
+from .study import STUDY_CONFIGS, STUDY_SEEDS, run_study, study_settings
+from .study_report import format_study_tables
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RLSettings()
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
                         help=f"comma-separated presets (default: all; choose from {','.join(PRESETS)})")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                        help="comma-separated seeds: task, corpus, weights, batches and samples (default 0,1,2)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: task, corpus, weights, batches and samples (default 0,1,2; "
+                             f"with --study {','.join(map(str, STUDY_SEEDS))})")
     parser.add_argument("--quick", action="store_true", help="a tiny run of seconds (smoke test)")
+    parser.add_argument("--study", action="store_true",
+                        help="the full study (docs/rl.md): a harder task, the presets and a knob sweep on 10 "
+                             "report seeds, paired tests against cross-entropy; writes rl_study_* files")
+    parser.add_argument("--jobs", type=int, default=1, help="--study: seeds run in this many processes (default 1)")
     parser.add_argument("--pretrain-steps", type=int, help=f"pre-training steps (default {defaults.pretrain.steps})")
     parser.add_argument("--rl-steps", type=int, help=f"GRPO steps (default {defaults.grpo.steps})")
     parser.add_argument("--group-size", type=int,
@@ -77,12 +84,11 @@ def _errors(args: argparse.Namespace, settings: RLSettings, presets: list[str], 
 
 def run(args: argparse.Namespace) -> int:
     """Run the experiment, print the tables, write CSVs and figures to ``args.out``."""
+    if args.study:
+        return run_study_command(args)
     settings = settings_from_args(args)
     presets = parse_presets(args.presets)
-    try:
-        seeds = list(dict.fromkeys(int(seed) for seed in args.seeds.split(",") if seed.strip()))
-    except ValueError:
-        seeds = None
+    seeds = parse_seeds(args.seeds, DEFAULT_SEEDS)
     errors = _errors(args, settings, presets, seeds)
     if errors:
         for error in errors:
@@ -100,4 +106,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"\npre-training corpus (seed {seeds[0]}): {composition}")
     print("wrote " + ", ".join(map(str, written)))
     print(f"total time {time.perf_counter() - started:.1f} s on {device}")
+    return 0
+
+
+def parse_seeds(text: str | None, default: tuple[int, ...]) -> list[int] | None:
+    """Comma-separated integers, duplicates dropped (``default`` when not given); None when malformed."""
+    if text is None:
+        return list(default)
+    try:
+        return list(dict.fromkeys(int(seed) for seed in text.split(",") if seed.strip())) or None
+    except ValueError:
+        return None
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    """``precision-ce rl --study``: every study configuration on the report seeds, then the paired tables."""
+    settings = study_settings(args.pretrain_steps, args.rl_steps)
+    seeds = parse_seeds(args.seeds, STUDY_SEEDS)
+    errors = _errors(args, settings, list(STUDY_CONFIGS), seeds)
+    if args.jobs < 1:
+        errors.append(f"--jobs must be >= 1, got {args.jobs}")
+    if seeds is not None and len(seeds) < 2:
+        errors.append("--study needs at least 2 seeds (paired intervals over seeds)")
+    if errors:
+        for error in errors:
+            print(f"precision-ce rl: {error}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    result = run_study(seeds, settings, jobs=args.jobs, device=device, out_dir=args.out)
+    print(format_study_tables(result))
+    print(f"\nwrote rl_study_* CSVs and figures to {args.out}")
+    print(f"total time {time.perf_counter() - started:.1f} s on {device} with {args.jobs} job(s)")
     return 0

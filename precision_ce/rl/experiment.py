@@ -7,23 +7,22 @@ Pass@k is measured on the held-out test prompts before and after RL.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
 
+from ..causal_lm import TinyCausalLM
 from ..config import PRESETS, RewardConfig, preset
+from ..training import DEFAULT_PRESETS, single_thread_on_cpu
 from .grpo import GRPOSettings, RLCurves, train_grpo
 from .metrics import Evaluation, default_ks, evaluate
-from .model import TinyCausalLM
 from .pretrain import PretrainSettings, pretrain
 from .task import Corpus, PathTask, make_corpus, make_task
 
-DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
 TRAINERS: tuple[str, ...] = ("builtin", "trl")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 """Report seeds. The task and recipe were sized on seeds 100-102 only (docs/rl.md), never on these."""
@@ -37,6 +36,7 @@ class RLSettings:
     out_degree: int = 3  # successors per node; also the loss's k for the rank-aware presets
     max_answer_len: int = 8
     min_distance: int = 4  # shortest path of a prompt, in edges
+    test_min_distance: int | None = None  # shortest path of a test prompt (default: min_distance)
     test_prompts: int = 64  # held out from pre-training and RL; Pass@k is measured on them
     corpus_size: int = 16384
     mistake_rate: float = 0.3
@@ -68,6 +68,22 @@ QUICK = RLSettings(
 """``--quick``: a run of seconds for tests and smoke checks."""
 
 
+KNOBS: tuple[str, ...] = ("beta", "lambda_head", "lambda_tail")
+
+
+def reward_config(name: str, k: int) -> RewardConfig:
+    """A preset by name (``"precision"``), or one knob set away from cross-entropy (``"beta=-0.5"``,
+    ``"lambda_tail=-0.2"``, ``"lambda_head=0.1"``); k is the task's k either way."""
+    if name in PRESETS:
+        return preset(name, k=k)
+    knob, _, value = name.partition("=")
+    try:
+        return RewardConfig(k=k, **{knob: float(value)}) if knob in KNOBS else preset(name)
+    except ValueError as error:
+        raise ValueError(f"unknown preset or knob setting {name!r}: use a name from {sorted(PRESETS)} or "
+                         f"KNOB=VALUE with KNOB in {KNOBS} ({error})") from error
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     """One preset, one seed."""
@@ -94,28 +110,15 @@ class ExperimentResult:
         return next(r for r in self.runs if r.preset == name and r.seed == seed)
 
 
-@contextlib.contextmanager
-def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Tiny models: intra-op threads cost more in synchronisation than they save (see demo.py)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int] = DEFAULT_SEEDS,
                    settings: RLSettings | None = None, device: str | torch.device = "cpu",
                    progress: bool = True) -> ExperimentResult:
     """Pre-train and RL every (seed, preset); evaluate Pass@k before and after RL."""
     settings = settings or RLSettings()
-    unknown = [name for name in presets if name not in PRESETS]
-    if unknown or not presets:
-        raise ValueError(f"presets must be a non-empty list from {sorted(PRESETS)}, got {list(presets)}")
+    if not presets:
+        raise ValueError(f"presets must be a non-empty list of names from {sorted(PRESETS)} or knob settings")
+    for name in presets:
+        reward_config(name, settings.k)  # raises on an unknown name
     if not seeds:
         raise ValueError("give at least one seed")
     if settings.trainer not in TRAINERS:
@@ -129,8 +132,7 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
     with single_thread_on_cpu(device):
         for seed in seeds:
             task = make_task(settings.num_nodes, settings.out_degree, settings.max_answer_len,
-                             settings.test_prompts, seed,
-                             settings.min_distance)
+                             settings.test_prompts, seed, settings.min_distance, settings.test_min_distance)
             corpus = make_corpus(task, settings.corpus_size, settings.mistake_rate, settings.noise_rate, seed + 1)
             composition = composition or corpus.composition()
             for name in presets:
@@ -143,7 +145,7 @@ def run_experiment(presets: Sequence[str] = DEFAULT_PRESETS, seeds: Sequence[int
 def _run_one(name: str, seed: int, task: PathTask, corpus: Corpus, settings: RLSettings, device: torch.device,
              bar: tqdm) -> RunResult:
     start = time.perf_counter()
-    config = preset(name, k=settings.k)
+    config = reward_config(name, settings.k)
     torch.manual_seed(seed)  # same initial weights for every preset
     if settings.trainer == "trl":
         from .trl_trainer import HFCausalLM

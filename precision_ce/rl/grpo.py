@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..causal_lm import sample, token_log_probs
 from .metrics import answer_lengths
-from .model import sample, token_log_probs
 from .task import PathTask
 
 

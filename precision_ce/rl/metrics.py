@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .model import sample
+from ..causal_lm import sample
 from .task import PathTask
 
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..api import cross_entropy
 from ..config import RewardConfig
-from ..demo import cosine_to_a_tenth
+from ..training import train
 from .task import IGNORE_INDEX, Corpus
 
 
@@ -33,20 +33,14 @@ def pretrain(model: nn.Module, corpus: Corpus, config: RewardConfig, settings: P
     """
     device = next(model.parameters()).device
     tokens, targets = corpus.tokens.to(device), corpus.targets.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    schedule = cosine_to_a_tenth(optimizer, settings.steps)
-    model.train()
-    for _ in range(settings.steps):
-        batch = torch.randint(0, tokens.shape[0], (settings.batch_size,), generator=generator).to(device)
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
         logits = model(tokens[batch, :-1])
-        loss = cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), config=config,
-                             ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if bar is not None:
-            bar.update(1)
+        return cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), config=config, ignore_index=IGNORE_INDEX)
+
+    train(model, batch_loss, examples=tokens.shape[0], batch_size=settings.batch_size, steps=settings.steps,
+          learning_rate=settings.learning_rate, generator=generator,
+          after_step=None if bar is None else lambda _: bar.update(1))
     with torch.no_grad():
         logits = model(tokens[:, :-1])
         return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),

@@ -82,9 +82,10 @@ def format_tables(result: ExperimentResult) -> str:
     return "\n".join(lines)
 
 
-def write_csvs(result: ExperimentResult, out_dir: Path) -> list[Path]:
-    """rl_pass_at_k.csv (per seed), rl_summary.csv (mean, std over seeds), rl_curves.csv, rl_runs.csv."""
-    paths = [out_dir / name for name in ("rl_pass_at_k.csv", "rl_summary.csv", "rl_curves.csv", "rl_runs.csv")]
+def write_csvs(result: ExperimentResult, out_dir: Path, prefix: str = "rl") -> list[Path]:
+    """{prefix}_pass_at_k.csv (per seed), {prefix}_summary.csv (mean, std over seeds), {prefix}_curves.csv,
+    {prefix}_runs.csv."""
+    paths = [out_dir / f"{prefix}_{name}.csv" for name in ("pass_at_k", "summary", "curves", "runs")]
     with paths[0].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["preset", "seed", "stage", "k", "pass_at_k"])
@@ -120,8 +121,8 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
 
 
-def plot_figures(result: ExperimentResult, out_dir: Path) -> list[Path]:
-    """rl_pass_at_k.png (Pass@k against k, before and after RL) and rl_curves.png (during RL)."""
+def plot_figures(result: ExperimentResult, out_dir: Path, prefix: str = "rl") -> list[Path]:
+    """{prefix}_pass_at_k.png (Pass@k against k, before and after RL) and {prefix}_curves.png (during RL)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: files only
@@ -148,7 +149,7 @@ def plot_figures(result: ExperimentResult, out_dir: Path) -> list[Path]:
     axes_pair[1].legend(fontsize=8, loc="lower right")
     figure.suptitle(f"Pass@k per pre-training preset ({seeds_text})")
     figure.tight_layout()
-    pass_path = out_dir / "rl_pass_at_k.png"
+    pass_path = out_dir / f"{prefix}_pass_at_k.png"
     figure.savefig(pass_path, dpi=110)
     plt.close(figure)
 
@@ -171,7 +172,7 @@ def plot_figures(result: ExperimentResult, out_dir: Path) -> list[Path]:
     axes_row[0].legend(fontsize=8)
     figure.suptitle(f"During GRPO, on training prompts ({seeds_text}; trailing mean over {window} steps)")
     figure.tight_layout()
-    curves_path = out_dir / "rl_curves.png"
+    curves_path = out_dir / f"{prefix}_curves.png"
     figure.savefig(curves_path, dpi=110)
     plt.close(figure)
     return [pass_path, curves_path]

@@ -103,12 +103,14 @@ class PathTask:
 
 
 def make_task(num_nodes: int, out_degree: int, max_answer_len: int, test_prompts: int, seed: int,
-              min_distance: int = 2) -> PathTask:
+              min_distance: int = 2, test_min_distance: int | None = None) -> PathTask:
     """A random graph with ``out_degree`` successors per node; prompts split into train and test.
 
     Prompts are the pairs (s, g) whose shortest path has ``min_distance`` to ``max_answer_len - 1``
     edges (one edge of slack, so detours of one step still fit), shuffled; ``test_prompts`` of them
-    are held out for evaluation.
+    are held out for evaluation, drawn among those at least ``test_min_distance`` edges apart
+    (default ``min_distance``: any prompt). A larger ``test_min_distance`` keeps the easy prompts
+    for training only: a mix of difficulties for RL, hard prompts for the measurement.
     """
     if not 1 <= out_degree < num_nodes:
         raise ValueError(f"out_degree must be in [1, num_nodes), got {out_degree} with {num_nodes} nodes")
@@ -117,20 +119,27 @@ def make_task(num_nodes: int, out_degree: int, max_answer_len: int, test_prompts
     scores.fill_diagonal_(-1.0)  # no self-loops
     successors = scores.topk(out_degree, dim=1).indices
     adjacency = torch.zeros(num_nodes, num_nodes, dtype=torch.bool).scatter_(1, successors, True)
-    return task_from_adjacency(adjacency, max_answer_len, test_prompts, generator, min_distance)
+    return task_from_adjacency(adjacency, max_answer_len, test_prompts, generator, min_distance, test_min_distance)
 
 
 def task_from_adjacency(adjacency: torch.Tensor, max_answer_len: int, test_prompts: int,
-                        generator: torch.Generator, min_distance: int = 2) -> PathTask:
+                        generator: torch.Generator, min_distance: int = 2,
+                        test_min_distance: int | None = None) -> PathTask:
     """A task on a given graph (tests build small hand-made ones)."""
     distance = shortest_distances(adjacency)
     s, g = torch.nonzero((distance >= min_distance) & (distance <= max_answer_len - 1), as_tuple=True)
     pairs = torch.stack([s, g], dim=1)
-    if not 1 <= test_prompts < pairs.shape[0]:
-        raise ValueError(f"test_prompts must be in [1, {pairs.shape[0]}) (the graph has {pairs.shape[0]} prompts "
-                         f"of {min_distance} to {max_answer_len - 1} edges), got {test_prompts}")
+    test_min_distance = min_distance if test_min_distance is None else test_min_distance
+    eligible = int((distance[s, g] >= test_min_distance).sum())
+    if not 1 <= test_prompts <= min(eligible, pairs.shape[0] - 1):
+        raise ValueError(f"test_prompts must be in [1, {min(eligible, pairs.shape[0] - 1)}] (the graph has "
+                         f"{pairs.shape[0]} prompts of {min_distance} to {max_answer_len - 1} edges, {eligible} of "
+                         f"them at least {test_min_distance} apart), got {test_prompts}")
     pairs = pairs[torch.randperm(pairs.shape[0], generator=generator)]
-    return PathTask(adjacency, distance, pairs[test_prompts:], pairs[:test_prompts], max_answer_len)
+    # The first test_prompts eligible pairs of the shuffled order are held out; the rest, in order, train.
+    eligible_rank = (distance[pairs[:, 0], pairs[:, 1]] >= test_min_distance).long().cumsum(0)
+    is_test = (distance[pairs[:, 0], pairs[:, 1]] >= test_min_distance) & (eligible_rank <= test_prompts)
+    return PathTask(adjacency, distance, pairs[~is_test], pairs[is_test], max_answer_len)
 
 
 def shortest_distances(adjacency: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""A small causal transformer LM and batched sampling from it.
+"""A small causal transformer LM and batched sampling from it (the RL task and the real-text demo).
 
 Plain torch (no transformers dependency): a few pre-LayerNorm blocks with causal
 ``scaled_dot_product_attention``. Sequences are ~10 tokens, so sampling recomputes the whole

@@ -1,4 +1,4 @@
-"""``precision-ce demo``: the loss's knobs reshape a language model's next-token distribution.
+"""The demo's synthetic language: a Markov chain whose true next-token distribution is known.
 
 A synthetic language is generated from a seed: a sparse random Markov chain over ``vocab_size``
 tokens in which every token has a handful of likely successors and a long, thin tail over all the
@@ -25,24 +25,21 @@ Metrics (all exact expectations over the chain's stationary distribution, except
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
 import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .api import cross_entropy
-from .config import PRESETS, RewardConfig, preset
-
-DEFAULT_PRESETS: tuple[str, ...] = ("cross_entropy", "precision", "diversity", "tail_penalty", "head_reward")
+from ..api import cross_entropy
+from ..config import PRESETS, RewardConfig, preset
+from ..training import DEFAULT_PRESETS, single_thread_on_cpu, train
+from .report import PresetResult, Report
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "val_ce", "val_ppl", "entropy", "topk_mass", "head_entropy", "tail_mass", "kl", "top1_acc",
@@ -289,23 +286,34 @@ def validation_cross_entropy(model: nn.Module, val_pairs: tuple[torch.Tensor, to
 
 
 @dataclasses.dataclass
-class PresetResult:
-    """What one preset's training produced."""
-
-    name: str
-    config: RewardConfig
-    metrics: dict[str, float]
-    entropy_curve: list[tuple[int, float]]  # (step, exact mean entropy) during training
-    seconds: float
-
-
-@dataclasses.dataclass
 class DemoResult:
     """The outcome of ``train_presets``: one ``PresetResult`` per preset plus the reference."""
 
     settings: DemoSettings
     presets: dict[str, PresetResult]
     true_metrics: dict[str, float]
+
+    def report(self) -> Report:
+        """The table, CSV and figure contents, with the true chain as the reference row."""
+        s = self.settings
+        notes = (
+            f"k = {s.k} (top-k mass and the rank-aware presets); V = {s.vocab_size}; {s.steps} steps of "
+            f"{s.batch_size}; seed {s.seed}.\n"
+            "val CE/perplexity: on a held-out sample of the chain. Every other column is exact over the "
+            "chain's\nstationary distribution; head_entropy = entropy of the model's top-k renormalised; "
+            "tail_mass =\nmodel mass on tokens that are not true likely successors; top1_acc = the model's "
+            "argmax equals\nthe true argmax."
+        )
+        figure_notes = (
+            f"V = {s.vocab_size} tokens, {s.likely_successors} likely\n"
+            f"successors each (mass {s.head_mass:g}), k = {s.k}\n"
+            f"{s.steps} steps x batch {s.batch_size}, seed {s.seed}\n\n"
+            "dashed line: the true chain\n"
+            "y axes do not start at 0"
+        )
+        shown = ("val_ce", "entropy", "head_entropy", "topk_mass", "tail_mass", "kl", "top1_acc")
+        return Report(self.presets, METRIC_COLUMNS, METRIC_LABELS, shown, ("true_chain", self.true_metrics),
+                      notes, figure_notes)
 
 
 def preset_config(name: str, settings: DemoSettings) -> RewardConfig:
@@ -337,16 +345,8 @@ def train_presets(
     if not presets:
         raise ValueError("give at least one preset")
     device = torch.device(device)
-    if device.type != "cpu":
+    with single_thread_on_cpu(device):
         return _train_presets(presets, settings, device, progress)
-    # The model and batches are tiny: intra-op threads cost more in synchronisation than they
-    # save, and on a busy machine far more (measured 10-20x slower per step with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_presets(presets, settings, device, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch.device,
@@ -372,17 +372,6 @@ def _train_presets(presets: Sequence[str], settings: DemoSettings, device: torch
     return DemoResult(settings, results, true_chain_metrics(chain, val_pairs, settings.k))
 
 
-def cosine_to_a_tenth(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay of the learning rate from its peak to a tenth of it over ``steps`` steps (then
-    flat): the final metrics describe a settled model rather than one noisy Adam step (at the peak
-    rate the entropy wanders by a few hundredths of a nat)."""
-
-    def rate_factor(step: int) -> float:
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, rate_factor)
-
-
 def _train_one(
     name: str,
     config: RewardConfig,
@@ -398,191 +387,23 @@ def _train_one(
     # Same seed for the weights and for the batch order: presets differ only in their loss.
     torch.manual_seed(settings.seed)
     model = NextTokenMLP(settings.vocab_size, settings.embedding_dim, settings.hidden_dim).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    schedule = cosine_to_a_tenth(optimizer, settings.steps)
-    batch_generator = torch.Generator().manual_seed(settings.seed + 3)
     train_context, train_target = train_pairs
-
     curve = [(0, exact_metrics(model, chain, settings.k)["entropy"])]
-    for step in range(1, settings.steps + 1):
-        batch = torch.randint(0, train_context.shape[0], (settings.batch_size,),
-                              generator=batch_generator).to(device)
-        logits = model(train_context[batch])
-        loss = cross_entropy(logits, train_target[batch], config=config, backend="auto")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(model(train_context[batch]), train_target[batch], config=config, backend="auto")
+
+    def after_step(step: int) -> None:
         if step % settings.eval_interval == 0 or step == settings.steps:
             curve.append((step, exact_metrics(model, chain, settings.k)["entropy"]))
         bar.update(1)
+
+    train(model, batch_loss, examples=train_context.shape[0], batch_size=settings.batch_size, steps=settings.steps,
+          learning_rate=settings.learning_rate, generator=torch.Generator().manual_seed(settings.seed + 3),
+          after_step=after_step)
 
     model.eval()
     val_ce = validation_cross_entropy(model, val_pairs)
     metrics = {"val_ce": val_ce, "val_ppl": math.exp(val_ce), **exact_metrics(model, chain, settings.k)}
     return PresetResult(name, config, {key: metrics[key] for key in METRIC_COLUMNS}, curve,
                         time.perf_counter() - start_time)
-
-
-def format_table(result: DemoResult) -> str:
-    """A plain-text table: one row per preset plus the true chain as the reference row."""
-    header = ["preset", "beta", "lam_head", "lam_tail", *METRIC_COLUMNS]
-    rows = [[name, f"{r.config.beta:g}", f"{r.config.lambda_head:g}", f"{r.config.lambda_tail:g}",
-             *(f"{r.metrics[key]:.4f}" for key in METRIC_COLUMNS)] for name, r in result.presets.items()]
-    rows.append(["(true chain)", "", "", "", *(f"{result.true_metrics[key]:.4f}" for key in METRIC_COLUMNS)])
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                         for i, (cell, width) in enumerate(zip(cells, widths, strict=True)))
-
-    s = result.settings
-    notes = (
-        f"k = {s.k} (top-k mass and the rank-aware presets); V = {s.vocab_size}; {s.steps} steps of "
-        f"{s.batch_size}; seed {s.seed}.\n"
-        "val CE/perplexity: on a held-out sample of the chain. Every other column is exact over the "
-        "chain's\nstationary distribution; head_entropy = entropy of the model's top-k renormalised; "
-        "tail_mass =\nmodel mass on tokens that are not true likely successors; top1_acc = the model's "
-        "argmax equals\nthe true argmax."
-    )
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "", notes])
-
-
-def write_csv(result: DemoResult, path: Path) -> None:
-    """One row per preset (and the true chain): the reward settings and every metric."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["preset", "beta", "k", "lambda_head", "lambda_tail", *METRIC_COLUMNS])
-        for name, r in result.presets.items():
-            writer.writerow([name, r.config.beta, r.config.k, r.config.lambda_head, r.config.lambda_tail,
-                             *(f"{r.metrics[key]:.6f}" for key in METRIC_COLUMNS)])
-        writer.writerow(["true_chain", "", "", "", "",
-                         *(f"{result.true_metrics[key]:.6f}" for key in METRIC_COLUMNS)])
-
-
-def write_entropy_curve_csv(result: DemoResult, path: Path) -> None:
-    """The entropy-over-training curves, long format: preset, step, entropy."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["preset", "step", "entropy"])
-        for name, r in result.presets.items():
-            writer.writerows([name, step, f"{entropy:.6f}"] for step, entropy in r.entropy_curve)
-
-
-def plot_figures(result: DemoResult, out_dir: Path) -> list[Path]:
-    """Write demo_entropy.png (entropy over training) and demo_metrics.png (final metrics)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: files only, no display needed
-    import matplotlib.pyplot as plt
-
-    names = list(result.presets)
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-
-    true_entropy = result.true_metrics["entropy"]
-    figure, (full_axes, zoom_axes) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for axes in (full_axes, zoom_axes):
-        for name, r in result.presets.items():
-            steps, entropies = zip(*r.entropy_curve, strict=True)
-            axes.plot(steps, entropies, label=name, color=colors[name])
-        axes.axhline(true_entropy, color="black", linestyle="--", linewidth=1, label="true chain")
-        axes.set_xlabel("training step")
-        axes.set_ylabel("mean predictive entropy (nats)")
-        axes.grid(alpha=0.3)
-    full_axes.set_title("Entropy during training (all steps)")
-    # The right panel zooms on the second half of training, where the presets separate.
-    last_step = max(r.entropy_curve[-1][0] for r in result.presets.values())
-    late = [entropy for r in result.presets.values() for step, entropy in r.entropy_curve
-            if step >= last_step / 2]
-    low, high = min([*late, true_entropy]), max([*late, true_entropy])
-    margin = max(0.02, 0.15 * (high - low))
-    zoom_axes.set_xlim(last_step / 2, last_step)
-    zoom_axes.set_ylim(low - margin, high + margin)
-    zoom_axes.set_title("Second half of training (zoomed)")
-    zoom_axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no overlap
-    figure.tight_layout()
-    entropy_path = out_dir / "demo_entropy.png"
-    figure.savefig(entropy_path, dpi=110)
-    plt.close(figure)
-
-    shown = ("val_ce", "entropy", "head_entropy", "topk_mass", "tail_mass", "kl", "top1_acc")
-    figure, axes_grid = plt.subplots(2, 4, figsize=(15, 7))
-    for axes, key in zip(axes_grid.flat, shown, strict=False):
-        values = [result.presets[name].metrics[key] for name in names]
-        bars = axes.bar(range(len(names)), values, color=[colors[name] for name in names])
-        axes.axhline(result.true_metrics[key], color="black", linestyle="--", linewidth=1)
-        axes.bar_label(bars, fmt="%.3f", fontsize=7)
-        axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        axes.set_title(METRIC_LABELS[key], fontsize=10)
-        shown_values = [*values, result.true_metrics[key]]
-        top, bottom = max(shown_values), min(shown_values)
-        spread = top - bottom
-        # Bars start from a common floor near the data so small differences stay visible.
-        axes.set_ylim(max(0.0, bottom - 0.5 * spread - 1e-3), top + 0.25 * spread + 1e-3)
-    settings = result.settings
-    notes_axes = axes_grid.flat[len(shown)]
-    notes_axes.axis("off")
-    notes_axes.text(0.0, 0.5, (
-        f"V = {settings.vocab_size} tokens, {settings.likely_successors} likely\n"
-        f"successors each (mass {settings.head_mass:g}), k = {settings.k}\n"
-        f"{settings.steps} steps x batch {settings.batch_size}, seed {settings.seed}\n\n"
-        "dashed line: the true chain\n"
-        "y axes do not start at 0"
-    ), fontsize=10, va="center")
-    figure.suptitle("Final metrics per preset")
-    figure.tight_layout()
-    metrics_path = out_dir / "demo_metrics.png"
-    figure.savefig(metrics_path, dpi=110)
-    plt.close(figure)
-    return [entropy_path, metrics_path]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``precision-ce demo``."""
-    defaults = DemoSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help=f"training steps per preset (default {defaults.steps})")
-    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
-                        help=f"comma-separated presets (default: all; choose from {','.join(PRESETS)})")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help="seed of the language, the corpora, the weights and the batches")
-    parser.add_argument("--device", default=None,
-                        help="torch device to train on (default: cuda if available, else cpu)")
-    parser.add_argument("--out", type=Path, default=Path("demo-out"),
-                        help="directory for the CSVs and figures (default: demo-out)")
-
-
-def parse_presets(text: str) -> list[str]:
-    """Comma-separated preset names, duplicates dropped; [] when empty or any name is unknown."""
-    presets = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    return presets if all(name in PRESETS for name in presets) else []
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train every preset, print the table, write CSVs and figures to ``args.out``."""
-    presets = parse_presets(args.presets)
-    if not presets:
-        print(f"precision-ce demo: unknown or empty --presets {args.presets!r}; "
-              f"choose from {','.join(PRESETS)}", file=sys.stderr)
-        return 2
-    if args.steps < 1:
-        print("precision-ce demo: --steps must be >= 1", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = DemoSettings()
-    settings = dataclasses.replace(defaults, steps=args.steps, seed=args.seed,
-                                   eval_interval=max(1, min(defaults.eval_interval, args.steps // 20)))
-
-    started = time.perf_counter()
-    result = train_presets(presets, settings, device=device, progress=True)
-    print(format_table(result))
-
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(result, out_dir / "demo_metrics.csv")
-    write_entropy_curve_csv(result, out_dir / "demo_entropy_curve.csv")
-    figures = plot_figures(result, out_dir)
-    print(f"\nwrote {out_dir / 'demo_metrics.csv'}, {out_dir / 'demo_entropy_curve.csv'}, "
-          + ", ".join(map(str, figures)))
-    print(f"total time {time.perf_counter() - started:.1f} s on {device}")
-    return 0
