@@ -51,7 +51,7 @@ from triton.compiler import compile as compile_kernel
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from precision_ce import triton_backend
-from precision_ce.bench.traffic import DTYPES, MODES, mode_forward
+from precision_ce.bench.traffic import DTYPES, MODES, launch_config, mode_forward
 
 NVIDIA_BIN = Path(knobs.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -94,21 +94,20 @@ class Launch:
 @contextmanager
 def _recorded_launches(launches: list[Launch], phase: list[str]):
     """JITFunction.run records instead of running; the host picks its CUDA launch configuration."""
-    saved_run, saved_config = JITFunction.run, triton_backend._launch_config
+    saved_run = JITFunction.run
     saved_interpret = os.environ.get("TRITON_INTERPRET")
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs, phase[0]))
 
     JITFunction.run = record
-    triton_backend._launch_config = lambda vocab, logits: triton_backend.cuda_launch_config(
-        vocab, logits.element_size())
     # api._backend admits CPU tensors only under the interpreter; nothing runs here anyway.
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        yield
+        with launch_config():
+            yield
     finally:
-        JITFunction.run, triton_backend._launch_config = saved_run, saved_config
+        JITFunction.run = saved_run
         if saved_interpret is None:
             del os.environ["TRITON_INTERPRET"]
         else:

@@ -55,7 +55,11 @@ def make_inputs(tokens: int, vocab: int, dtype: str, device: str, seed: int = 0)
 def loss_and_grad(logits: torch.Tensor, target: torch.Tensor, backend: str,
                   kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (fp32) and d(sum of it)/d logits."""
-    x = logits.detach().requires_grad_()
+    in_place = kwargs.get("inplace_backward", False)
+    if in_place and backend != "triton":
+        kwargs = {key: value for key, value in kwargs.items() if key != "inplace_backward"}
+    # The in-place backward overwrites its input: give it a copy.
+    x = (logits.detach().clone() if in_place else logits.detach()).requires_grad_()
     if backend == "F.cross_entropy":
         loss = F.cross_entropy(x.float(), target, reduction="none")
     else:
