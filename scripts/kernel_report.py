@@ -243,62 +243,75 @@ def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
     return max(0, min(by_registers, THREADS_PER_SM // (warps * 32), by_shared, CTAS_PER_SM))
 
 
-def predict_loops(kernel: dict[str, Any], tokens: int, vocab: int, element_size: int, device: Device,
-                  model: Model) -> tuple[float, str]:
-    """Seconds of one launch over ``tokens`` rows if every row runs every loop, and what bounds it.
+def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, vocab: int, element_size: int,
+                 device: Device, model: Model) -> tuple[float, str]:
+    """Seconds of one loop of a launch over ``tokens`` rows if every row runs it, and what bounds it.
 
-    Per loop (one pass over the row, ``iterations`` BLOCK-element iterations per SM): a program's
-    iteration issues ``compute`` = instructions x warps / (schedulers x clock) seconds of work; without
-    cp.async it waits a full memory latency before that work (the block reductions make every warp
-    wait for the slowest load); ``resident`` programs per SM overlap, so an SM finishes ``resident``
-    iterations every max(resident x compute, latency + compute); with a cp.async pipeline of S stages,
-    every max(resident x compute, latency / (S - 1)). The loop takes at least its bytes at the achieved
-    bandwidth. Loops add up; so does the row prologue (the target, then its logit: two dependent loads).
+    ``iterations`` BLOCK-element iterations per SM; a program's iteration issues ``compute`` =
+    instructions x warps / (schedulers x clock) seconds of work. Without cp.async it first waits a full
+    memory latency for its load (the block reductions make every warp wait for the slowest load);
+    ``resident`` programs per SM overlap, so an SM finishes ``resident`` iterations every
+    max(resident x compute, latency + compute); with a cp.async pipeline of S stages, every
+    max(resident x compute, latency / (S - 1)); a loop that only stores waits for nothing. The loop
+    takes at least its bytes (a pass per load and per store) at the achieved bandwidth.
     """
     warps, resident = kernel["num_warps"], kernel["ctas_per_sm"]
     iterations = tokens * math.ceil(vocab / kernel["BLOCK"]) / device.sms
-    seconds, bounds = 0.0, {"bandwidth": 0.0, "latency": 0.0, "issue": 0.0}
-    for loop in kernel["loops"]:
-        moved = tokens * vocab * element_size * (1 + bool(loop["global_stores"]))
-        floor = moved / (model.achieved_bandwidth * device.bandwidth)
-        compute = loop["instructions"] * warps / (model.schedulers_per_sm * model.clock)
-        if loop["cp_async"]:
-            wait = model.latency / max(1, kernel["num_stages"] - 1)
-        else:
-            wait = model.latency + compute
-        loop_time = iterations * max(resident * compute, wait) / resident
-        bound = "bandwidth" if floor >= loop_time else "issue" if resident * compute >= wait else "latency"
-        bounds[bound] += max(floor, loop_time)
-        seconds += max(floor, loop_time)
-    seconds += 2 * model.latency * tokens / (device.sms * resident)
-    return seconds, max(bounds, key=bounds.get)
+    passes = bool(loop["global_loads"]) + bool(loop["global_stores"])
+    floor = passes * tokens * vocab * element_size / (model.achieved_bandwidth * device.bandwidth)
+    compute = loop["instructions"] * warps / (model.schedulers_per_sm * model.clock)
+    if not loop["global_loads"]:
+        wait = compute
+    elif loop["cp_async"]:
+        wait = model.latency / max(1, kernel["num_stages"] - 1)
+    else:
+        wait = model.latency + compute
+    time = iterations * max(resident * compute, wait) / resident
+    bound = "bandwidth" if floor >= time else "issue" if resident * compute >= wait else "latency"
+    return max(floor, time), bound
+
+
+def loop_weights(loops: list[dict[str, Any]], read_passes: float, write_passes: float) -> list[float]:
+    """The share of rows that run each loop, from the passes the interpreter counted.
+
+    Loops that load are the passes over the row; fewer read passes than such loops (ignored rows
+    exit early) scale them all down. Loops that only store (the zeros of ignored rows' gradient)
+    take the write passes the loading loops leave over.
+    """
+    loading = [loop for loop in loops if loop["global_loads"]]
+    storing_only = [loop for loop in loops if not loop["global_loads"] and loop["global_stores"]]
+    share = min(1.0, read_passes / len(loading)) if loading else 0.0
+    left = max(0.0, write_passes - share * sum(bool(loop["global_stores"]) for loop in loading))
+    store_share = min(1.0, left / len(storing_only)) if storing_only else 0.0
+    return [share if loop["global_loads"] else store_share if loop["global_stores"] else 1.0 for loop in loops]
 
 
 def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, device: Device,
             model: Model) -> dict[str, Any]:
     """Predicted milliseconds of the forward, the backward and both at ``tokens`` rows.
 
-    Loops that rows skip at run time (ignored rows) show as fewer passes in the interpreter's count
-    than the SASS has loops: each phase's loop time is scaled by that ratio. The phase never beats its
-    counted traffic at the achieved bandwidth. ``bandwidth_fraction``: bytes moved / time / nominal
-    bandwidth; ``fraction_of_limit``: 3 passes (one read forward, one read and one write backward) at
-    nominal bandwidth / time.
+    A phase: the sum over its kernels' loops of ``loop_seconds`` x ``loop_weights``, plus a row
+    prologue per launch (the target, then its logit: two dependent loads, overlapped across the
+    resident programs); never less than its counted traffic at the achieved bandwidth.
+    ``bandwidth_fraction``: bytes moved / time / nominal bandwidth; ``fraction_of_limit``: 3 passes
+    (one read forward, one read and one write backward) at nominal bandwidth / time.
     """
     element_size, vocab = variant["element_size"], variant["vocab"]
     unit = tokens * vocab * element_size
     out: dict[str, Any] = {}
     for phase in ("forward", "backward"):
-        counted = variant["traffic"][f"{phase}_read"] + variant["traffic"][f"{phase}_write"]
-        seconds, bounds = 0.0, []
-        for name in variant["kernels"][phase]:
-            kernel = kernels[name]
-            loop_passes = sum(1 + bool(loop["global_stores"]) for loop in kernel["loops"])
-            time, bound = predict_loops(kernel, tokens, vocab, element_size, device, model)
-            seconds += time * min(1.0, counted / loop_passes) if loop_passes else time
-            bounds.append(bound)
-        floor = counted * unit / (model.achieved_bandwidth * device.bandwidth)
+        reads, writes = variant["traffic"][f"{phase}_read"], variant["traffic"][f"{phase}_write"]
+        loops = [(kernels[name], loop) for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
+        seconds, bounds = 0.0, {}
+        for (kernel, loop), weight in zip(loops, variant["loop_weights"][phase], strict=True):
+            time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model)
+            seconds += weight * time
+            bounds[bound] = bounds.get(bound, 0.0) + weight * time
+        seconds += sum(2 * model.latency * tokens / (device.sms * kernels[name]["ctas_per_sm"])
+                       for name in variant["kernels"][phase])
+        floor = (reads + writes) * unit / (model.achieved_bandwidth * device.bandwidth)
         out[f"{phase}_ms"] = 1e3 * max(seconds, floor)
-        out[f"{phase}_bound"] = "bandwidth" if floor >= seconds else "/".join(dict.fromkeys(bounds))
+        out[f"{phase}_bound"] = "bandwidth" if floor >= seconds or not bounds else max(bounds, key=bounds.get)
     out["total_ms"] = out["forward_ms"] + out["backward_ms"]
     out["bandwidth_fraction"] = variant["traffic"]["total"] * unit / (out["total_ms"] * 1e-3 * device.bandwidth)
     out["fraction_of_limit"] = 3 * unit / device.bandwidth / (out["total_ms"] * 1e-3)
@@ -356,6 +369,9 @@ def report(modes: list[str], vocabs: list[int], dtypes: list[str], tokens: int, 
                     row["kernels"][launch.phase].append(name)
                 row["traffic"] = {key: value for key, value in traffic[(mode, dtype, vocab)].items()
                                   if key not in ("mode", "dtype", "vocab")}
+                row["loop_weights"] = {
+                    phase: loop_weights(_loops(kernels, row, phase), row["traffic"][f"{phase}_read"],
+                                        row["traffic"][f"{phase}_write"]) for phase in ("forward", "backward")}
                 row["predicted"] = {device.name: predict(row, kernels, tokens, device, model) for device in DEVICES}
                 variants.append(row)
     for dtype in dtypes:
@@ -366,8 +382,15 @@ def report(modes: list[str], vocabs: list[int], dtypes: list[str], tokens: int, 
             "kernels": kernels, "variants": variants}
 
 
+def _loops(kernels: dict[str, dict], variant: dict[str, Any], phase: str) -> list[dict[str, Any]]:
+    return [loop for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
+
+
 def _per_element(data: dict[str, Any], variant: dict[str, Any], phase: str) -> float:
-    return sum(loop["per_element"] for name in variant["kernels"][phase] for loop in data["kernels"][name]["loops"])
+    """Instructions per element of a phase, each loop weighted by the share of rows that run it."""
+    loops = _loops(data["kernels"], variant, phase)
+    return sum(loop["per_element"] * weight for loop, weight in zip(loops, variant["loop_weights"][phase],
+                                                                    strict=True))
 
 
 def format_report(data: dict[str, Any]) -> str:
@@ -385,7 +408,7 @@ def format_report(data: dict[str, Any]) -> str:
     devices = [device.name for device in DEVICES]
     last = devices[-1]
     lines += ["", f"Predicted for N = {data['tokens']} tokens, forward + backward; passes counted under the "
-              "interpreter; instructions per element summed over the passes.", "",
+              "interpreter; instructions per element summed over the passes (weighted by the rows that run them).", "",
               "| mode | dtype | V | passes fwd | passes bwd | instr/elem fwd | instr/elem bwd | "
               + " | ".join(f"{d} predicted ms" for d in devices) + f" | {last}: % of BW, % of limit | x CE step |",
               "|---|---|---:|---:|---:|---:|---:|" + "---:|" * (len(devices) + 2)]
