@@ -334,8 +334,12 @@ def kernel_summary(launch: Launch, dtype: str, vocab: int) -> tuple[str, dict[st
     flags = "".join(f" {name}" for name, value in launch.kwargs.items() if value is True)
     # V and the row stride: 16-byte aligned rows (128-bit loads) only when V is a multiple of 16.
     name = f"{launch.kernel.__name__} {dtype}{flags}" + ("" if vocab % 16 == 0 else " V%16!=0")
-    if name in _SUMMARIES:
-        return name, _SUMMARIES[name]
+    config = (launch.kwargs["BLOCK"], launch.kwargs.get("num_warps"), launch.kwargs.get("num_stages"))
+    key = (name, config)
+    if key in _SUMMARIES:
+        return _SUMMARIES[key]
+    if any(known == name for known, _ in _SUMMARIES):  # the same variant at another BLOCK (a small V)
+        name += f" BLOCK={config[0]}"
     compiled, attrs = compile_launch(launch)
     sass = _cubin_tool("nvdisasm", compiled, "-c")
     summary = dict(resources(compiled), num_warps=compiled.metadata.num_warps,
@@ -345,11 +349,11 @@ def kernel_summary(launch: Launch, dtype: str, vocab: int) -> tuple[str, dict[st
     summary["ctas_per_sm"] = ctas_per_sm(summary["registers"], summary["num_warps"], summary["shared_bytes"])
     for loop in summary["loops"]:
         loop["per_element"] = loop["instructions"] * 32 * summary["num_warps"] / summary["BLOCK"]
-    _SUMMARIES[name] = summary
+    _SUMMARIES[key] = name, summary
     return name, summary
 
 
-_SUMMARIES: dict[str, dict[str, Any]] = {}
+_SUMMARIES: dict[tuple[str, tuple], tuple[str, dict[str, Any]]] = {}
 
 
 def report(modes: list[str], vocabs: list[int], dtypes: list[str], tokens: int, rows: int,
@@ -426,6 +430,34 @@ def format_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TOOLS = ("scripts/kernel_report.py", "scripts/compile_kernels.py", "precision_ce/bench/traffic.py")
+"""Files of this checkout that measure; everything else comes from the revision under report."""
+
+
+def run_at_revision(rev: str, argv: list[str]) -> int:
+    """Re-run this script on ``rev``'s code: its tree from ``git archive``, laid out as the installed
+    package (``kernels/`` as ``precision_ce.kernels``), with this checkout's ``TOOLS`` over it."""
+    root = Path(__file__).resolve().parents[1]
+    argv = [arg for i, arg in enumerate(argv) if arg != "--rev" and (i == 0 or argv[i - 1] != "--rev")
+            and not arg.startswith("--rev=")]
+    argv = [str(Path(arg).resolve()) if i > 0 and argv[i - 1] in ("--json", "--from-json") and arg != "-"
+            else arg for i, arg in enumerate(argv)]
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "-C", str(root), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        for tool in TOOLS:
+            (Path(tree) / tool).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tree) / tool).write_bytes((root / tool).read_bytes())
+        package = Path(tree) / "site"
+        package.mkdir()
+        (Path(tree) / "precision_ce").rename(package / "precision_ce")
+        (Path(tree) / "kernels").rename(package / "precision_ce" / "kernels")
+        env = dict(os.environ, PYTHONPATH=str(package))
+        # cwd: the tree's root, where no precision_ce/ is left to shadow the laid-out package.
+        return subprocess.run([sys.executable, str(Path(tree) / "scripts" / "kernel_report.py"), *argv], env=env,
+                              cwd=tree).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
@@ -439,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the JSON report to PATH ('-': JSON on stdout only)")
     parser.add_argument("--from-json", metavar="PATH", help="print the tables of a saved report (filtered by the "
                         "--modes, --dtypes and --vocab given) instead of measuring")
+    parser.add_argument("--rev", help="report the kernels and host code of this git revision (e.g. a branch), "
+                        "measured with this checkout's tools (this script, bench/traffic.py)")
     args = parser.parse_args(argv)
+    if args.rev:
+        return run_at_revision(args.rev, sys.argv[1:] if argv is None else argv)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         data["variants"] = [v for v in data["variants"]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "kernel_report.py"
 
 
@@ -45,3 +47,13 @@ def test_reduced_kernel_report(tmp_path) -> None:
     table = run_report("--from-json", str(saved), "--dtypes", "bf16", "--vocab", "4096")
     assert table.returncode == 0, table.stderr[-3000:]
     assert "| cross_entropy | bf16 | 4096 | 1.00 | 2.00 |" in table.stdout
+
+
+@pytest.mark.slow
+def test_report_of_a_revision() -> None:
+    # main's code measured with this checkout's tools (main has no bench/traffic.py of its own).
+    result = run_report("--rev", "main", "--modes", "cross_entropy", "--dtypes", "bf16", "--vocab", "4096",
+                        "--json", "-")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (variant,) = json.loads(result.stdout)["variants"]
+    assert variant["traffic"]["backward_read"] == 1.0 and variant["traffic"]["backward_write"] == 1.0
