@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
     """``precision_ce.hf``: the transformers integration (precision_ce.integrations.hf), imported on
     first use so that ``import precision_ce`` does not import transformers."""
     if name == "hf":
-        from .integrations import hf
+        from . import hf
 
         return hf
     raise AttributeError(f"module 'precision_ce' has no attribute {name!r}")

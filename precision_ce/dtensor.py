@@ -132,7 +132,8 @@ def check_plain_layer(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """``linear_cross_entropy`` takes plain tensors: a DTensor weight or input gets an error naming the fix."""
     if isinstance(weight, DTensor) or isinstance(bias, DTensor):
         raise TypeError(
-            f"linear_cross_entropy: linear_weight (or linear_bias) is a DTensor ({weight.placements if isinstance(weight, DTensor) else ''}), "
+            "linear_cross_entropy: linear_weight (or linear_bias) is a DTensor "
+            f"({weight.placements if isinstance(weight, DTensor) else ''}), "
             "i.e. sharded by FSDP2's fully_shard or by tensor parallelism, but the fused loss needs the whole "
             "(V, D) matrix on every rank. Under fully_shard, compute the loss inside the output layer's forward, "
             "where FSDP2 has gathered the weight: precision_ce.distributed.output_layer_loss(layer, input, "
