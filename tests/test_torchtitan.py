@@ -25,11 +25,10 @@ import precision_ce
 from precision_ce import PRESETS
 
 pytest.importorskip("torchtitan", reason="the [torchtitan] extra (CI installs it)")
-warnings.filterwarnings("ignore", module="torchtitan")
 
-from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss  # noqa: E402
+from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
 
-from precision_ce.integrations import torchtitan as tt  # noqa: E402
+from precision_ce.integrations import torchtitan as tt
 
 B, L, V, D = 2, 6, 12, 8
 SETTINGS = {"precision": {"preset": "precision"}, "tail_penalty": {"preset": "tail_penalty", "k": 3},
