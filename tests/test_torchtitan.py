@@ -144,6 +144,23 @@ def test_inside_chunked_loss_wrapper_and_fused(name: str) -> None:
     torch.testing.assert_close(runs["chunked"][3], runs["fused"][3], rtol=1e-5, atol=0)  # chunk metrics add up
 
 
+@pytest.mark.slow
+def test_compiled_as_torchtitan_compiles_losses() -> None:
+    """compile.components=["loss"]: BaseLoss._maybe_compile wraps our loss in torch.compile (about 20 s)."""
+    from torchtitan.config import CompileConfig
+
+    logits, labels, gvt = _inputs()
+    compile_config = CompileConfig(enable=True, components=["loss"], backend="aot_eager")
+    config = tt.PrecisionLoss.Config(preset="tail_penalty", k=3, metrics=True)
+    compiled = tt.PrecisionLoss(config, compile_config=compile_config)
+    assert hasattr(compiled.fn, "_torchdynamo_orig_callable")  # torchtitan did wrap it
+    loss, grad, metrics = _loss_and_grad(compiled, logits, labels, gvt)
+    expected, expected_grad, expected_metrics = _loss_and_grad(tt.PrecisionLoss(config), logits, labels, gvt)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(metrics, expected_metrics, rtol=1e-6, atol=0)
+
+
 def test_fused_without_an_output_layer_says_what_to_do() -> None:
     hidden, _ = _hidden_and_head()
     _, labels, gvt = _inputs()
