@@ -405,7 +405,7 @@ def _vocab_parallel_cross_entropy(
 
 
 def output_layer_loss(layer: nn.Module, input: torch.Tensor, target: torch.Tensor, **loss_kwargs: Any) -> Any:
-    """``linear_cross_entropy(input, layer.weight, target, layer.bias, **loss_kwargs)`` computed as
+    """``linear_cross_entropy(input, layer.weight, target, linear_bias=layer.bias, **loss_kwargs)`` computed as
     ``layer``'s forward, so that its module hooks apply to the loss: FSDP2's ``fully_shard`` gathers
     the weight before and reshards it after, and reduce-scatters its gradient, as for ``layer(input)``.
 
@@ -417,7 +417,7 @@ def output_layer_loss(layer: nn.Module, input: torch.Tensor, target: torch.Tenso
     from .linear import linear_cross_entropy
 
     def loss_forward(hidden: torch.Tensor) -> Any:
-        return linear_cross_entropy(hidden, layer.weight, target, layer.bias, **loss_kwargs)
+        return linear_cross_entropy(hidden, layer.weight, target, linear_bias=layer.bias, **loss_kwargs)
 
     had_own_forward = "forward" in layer.__dict__
     saved = layer.__dict__.get("forward")

@@ -35,6 +35,7 @@ COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "reduce",
     "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "scatter", "gather",
     "send", "recv", "isend", "irecv", "broadcast_object_list", "all_reduce_coalesced", "batch_isend_irecv",
+    "all_gather_single", "reduce_scatter_single",  # FSDP2's
 )
 
 

@@ -7,3 +7,16 @@
 
 Each imports its framework on import and raises an ImportError naming the extra when it is missing.
 """
+
+import contextlib
+
+import torch
+
+
+def float32_loss(logits: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which the loss of 16-bit logits (or hidden states) comes back in fp32, as the
+    frameworks' own losses return it, without an fp32 copy of the logits: autocast at their dtype
+    (precision_ce computes in fp32 and returns fp32 under autocast, as ``F.cross_entropy``)."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(logits.device.type, dtype=logits.dtype)
+    return contextlib.nullcontext()

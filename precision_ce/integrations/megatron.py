@@ -14,7 +14,6 @@ Tested with megatron-core 0.16.1 (``pip install 'precision-ce[megatron]'``).
 
 from __future__ import annotations
 
-import contextlib
 import types
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from ..api import _reward_config
 from ..config import RewardConfig
 from ..distributed import vocab_parallel_cross_entropy
+from . import float32_loss
 
 try:
     from megatron.core import parallel_state
@@ -57,10 +57,7 @@ def language_model_loss(
     if labels.dim() != 2 or logits.dim() != 3 or logits.shape[:2] != labels.shape[::-1]:
         raise ValueError(f"labels must be (b, s) and logits (s, b, V/tp); got {tuple(labels.shape)} and "
                          f"{tuple(logits.shape)}")
-    sixteen_bit = logits.dtype in (torch.bfloat16, torch.float16)
-    # Under autocast the loss of 16-bit logits comes back in fp32 (as Megatron's), without an fp32 copy.
-    fp32_result = torch.autocast(logits.device.type, dtype=logits.dtype) if sixteen_bit else contextlib.nullcontext()
-    with fp32_result:
+    with float32_loss(logits):
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), group=tp_group, reduction="none",
                                             config=config, **loss_kwargs)
     return loss.to(torch.promote_types(loss.dtype, torch.float32)).transpose(0, 1).contiguous()
