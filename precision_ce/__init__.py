@@ -5,6 +5,7 @@ positive-reward scale ``beta`` and rank-aware rewards ``lambda_head`` / ``lambda
 tokens inside / outside the top-``k``, with fused Triton kernels on the GPU.
 """
 
+import importlib
 from typing import Any
 
 from . import distributed
@@ -34,7 +35,5 @@ def __getattr__(name: str) -> Any:
     """``precision_ce.hf``: the transformers integration (precision_ce.integrations.hf), imported on
     first use so that ``import precision_ce`` does not import transformers."""
     if name == "hf":
-        from . import hf
-
-        return hf
+        return importlib.import_module(f"{__name__}.hf")
     raise AttributeError(f"module 'precision_ce' has no attribute {name!r}")

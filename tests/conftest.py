@@ -1,6 +1,8 @@
 """Test setup: Triton interpreter on CPU machines, hypothesis profiles, the device under test."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -10,6 +12,12 @@ if not torch.cuda.is_available():
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# `python -m pytest` puts the repository root on sys.path, where the top-level kernels/ folder (installed
+# as precision_ce.kernels) would shadow the PyPI package `kernels` that transformers imports. The
+# package is installed, so the root is not needed on the path; spawned test processes inherit this path.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != _ROOT]
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
