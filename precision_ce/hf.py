@@ -136,8 +136,10 @@ class CausalLMLoss:
         reduction = "mean" if num_items_in_batch is None else "sum"
         with_stats = self.log_stats and torch.is_grad_enabled()
         with _fp32_result(input.dtype, input.device):
+            # "full": the top-k mass is logged whatever the setting (the head's passes where the
+            # loss itself has no head).
             result = loss_fn(*tensors, ignore_index=ignore_index, reduction=reduction, config=self.config,
-                             return_stats=with_stats, **self.loss_kwargs, **extra)
+                             return_stats="full" if with_stats else False, **self.loss_kwargs, **extra)
         loss, stats = result if with_stats else (result, None)
         if stats is not None:
             self._add_stats(stats, target != ignore_index)

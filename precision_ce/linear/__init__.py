@@ -24,7 +24,7 @@ weights. Neither pass synchronises with the host on CUDA (no data-dependent Pyth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from ..api import (
     _result,
     _reward_config,
     result_dtype,
+    stats_level,
 )
 from ..config import RewardConfig
 from ..ops import under_torch_func
@@ -107,7 +108,7 @@ def linear_cross_entropy(
     config: RewardConfig | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    return_stats: bool = False,
+    return_stats: bool | Literal["full"] = False,
     backend: Backend = "auto",
     chunk_size: int | None = None,
     check_targets: bool | None = None,
@@ -161,7 +162,7 @@ def linear_cross_entropy(
         denominator, z_scale = _mean_denominator(rows_target, class_weight, params, vocab)
     plan = Plan(params, chosen, reduction,
                 chunk_size or auto_chunk_rows(rows, vocab, hidden, torch.finfo(matmul_dtype).bits // 8),
-                matmul_dtype, return_stats)
+                matmul_dtype, stats_level(return_stats))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
