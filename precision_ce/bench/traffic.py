@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -235,40 +236,78 @@ MODES: dict[str, dict[str, Any]] = {
     "cross_entropy+stats": {"return_stats": True},
     "all_ignored": {"k": 100, "lambda_tail": -0.1},  # tail_penalty with every target ignore_index
 }
-"""Keyword arguments of ``precision_ce.cross_entropy`` per mode of the traffic table."""
+"""Keyword arguments of ``precision_ce.cross_entropy`` per mode of the traffic table (with the
+optional modes of ``_optional_modes``)."""
+
+
+def _optional_modes() -> dict[str, dict[str, Any]]:
+    """Modes of options that only some versions of ``precision_ce.cross_entropy`` have."""
+    from precision_ce import cross_entropy
+
+    parameters = inspect.signature(cross_entropy).parameters
+    modes: dict[str, dict[str, Any]] = {}
+    if "full" in str(parameters["return_stats"].annotation):  # return_stats: bool | Literal["full"]
+        modes["cross_entropy+full_stats"] = {"return_stats": "full"}
+    if "inplace_backward" in parameters:
+        modes["cross_entropy+inplace"] = {"inplace_backward": True}
+    return modes
+
+
+MODES.update(_optional_modes())
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def measure_mode(mode: str, *, rows: int = 4, vocab: int = 128256, dtype: str = "bf16",
-                 block: int | None = None, seed: int = 0) -> Traffic:
-    """Traffic of ``precision_ce.cross_entropy(backend="triton", reduction="sum")`` in one of ``MODES``.
+def mode_forward(mode: str, *, rows: int = 4, vocab: int = 128256, dtype: str = "bf16",
+                 seed: int = 0) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """Random (rows, vocab) logits of ``dtype`` (a key of ``DTYPES``) with ``requires_grad``, and a
+    function that runs ``precision_ce.cross_entropy(backend="triton", reduction="sum")`` in ``mode``
+    on them and returns the loss (a scalar; its ``backward()`` is the backward)."""
+    from precision_ce import cross_entropy
 
-    Random (rows, vocab) logits of ``dtype`` (a key of ``DTYPES``); ``block``: the kernels' BLOCK
-    (default: the CUDA launch configuration's, the one a GPU will run).
-    """
-    from precision_ce import cross_entropy, triton_backend
-
-    torch_dtype = DTYPES[dtype]
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(rows, vocab, generator=generator).to(torch_dtype).requires_grad_()
+    logits = torch.randn(rows, vocab, generator=generator).to(DTYPES[dtype]).requires_grad_()
     target = torch.randint(0, vocab, (rows,), generator=generator)
     if mode == "all_ignored":
         target.fill_(-100)
     kwargs = MODES[mode]
-    if block is None:
-        block = triton_backend.cuda_launch_config(vocab, logits.element_size())["BLOCK"]
 
     def forward() -> torch.Tensor:
         out = cross_entropy(logits, target, backend="triton", reduction="sum", **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    saved_block = triton_backend.FORCED_BLOCK
-    triton_backend.FORCED_BLOCK = block
+    return logits, forward
+
+
+@contextlib.contextmanager
+def launch_config(block: int | None = None) -> Iterator[None]:
+    """Kernels launched with ``block`` as BLOCK, or (None) with the CUDA launch configuration each
+    kernel gets on a GPU (``triton_backend.cuda_launch_config``), whatever the tensors' device."""
+    from precision_ce import triton_backend
+
+    saved_block, saved_config = triton_backend.FORCED_BLOCK, triton_backend._launch_config
+    if block is None:
+        def cuda_config(vocab, logits, *args, **kwargs):
+            return triton_backend.cuda_launch_config(vocab, logits.element_size(), *args, **kwargs)
+
+        triton_backend._launch_config = cuda_config
+    else:
+        triton_backend.FORCED_BLOCK = block
     try:
-        return measure_passes(forward, lambda loss: loss.backward(), logits)
+        yield
     finally:
-        triton_backend.FORCED_BLOCK = saved_block
+        triton_backend.FORCED_BLOCK, triton_backend._launch_config = saved_block, saved_config
+
+
+def measure_mode(mode: str, *, rows: int = 4, vocab: int = 128256, dtype: str = "bf16",
+                 block: int | None = None, seed: int = 0) -> Traffic:
+    """Traffic of one forward and backward of ``mode_forward(mode, ...)``.
+
+    ``block``: the kernels' BLOCK (default: each kernel's CUDA launch configuration, as on a GPU).
+    """
+    logits, forward = mode_forward(mode, rows=rows, vocab=vocab, dtype=dtype, seed=seed)
+    with launch_config(block):
+        return measure_passes(forward, lambda loss: loss.backward(), logits)
 
 
 def traffic_table(modes: list[str], vocabs: list[int], dtypes: list[str], rows: int = 4) -> list[dict[str, Any]]:
