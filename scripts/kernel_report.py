@@ -98,7 +98,8 @@ def _recorded_launches(launches: list[Launch], phase: list[str]):
     saved_interpret = os.environ.get("TRITON_INTERPRET")
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, phase[0]))
+        # By name: a launch from inside an autograd.Function (inplace_backward) passes all positionally.
+        launches.append(Launch(self, (), {**dict(zip(self.arg_names, args, strict=False)), **kwargs}, phase[0]))
 
     JITFunction.run = record
     # api._backend admits CPU tensors only under the interpreter; nothing runs here anyway.
