@@ -335,13 +335,12 @@ def kernel_summary(launch: Launch, dtype: str, vocab: int) -> tuple[str, dict[st
     flags = "".join(f" {name}" for name, value in launch.kwargs.items() if value is True)
     # V and the row stride: 16-byte aligned rows (128-bit loads) only when V is a multiple of 16.
     name = f"{launch.kernel.__name__} {dtype}{flags}" + ("" if vocab % 16 == 0 else " V%16!=0")
-    config = (launch.kwargs["BLOCK"], launch.kwargs.get("num_warps"), launch.kwargs.get("num_stages"))
-    key = (name, config)
+    compiled, attrs = compile_launch(launch)  # cached: the launch configuration as compiled (defaults filled in)
+    key = (name, (launch.kwargs["BLOCK"], compiled.metadata.num_warps, compiled.metadata.num_stages))
     if key in _SUMMARIES:
         return _SUMMARIES[key]
     if any(known == name for known, _ in _SUMMARIES):  # the same variant at another BLOCK (a small V)
-        name += f" BLOCK={config[0]}"
-    compiled, attrs = compile_launch(launch)
+        name += f" BLOCK={launch.kwargs['BLOCK']}"
     sass = _cubin_tool("nvdisasm", compiled, "-c")
     summary = dict(resources(compiled), num_warps=compiled.metadata.num_warps,
                    num_stages=compiled.metadata.num_stages, BLOCK=launch.kwargs["BLOCK"],
