@@ -169,10 +169,11 @@ def _online_pass(
         x = x_raw.to(tl.float32)
         z = _softcap(x, softcap, HAS_SOFTCAP)
         m_new = tl.maximum(m, tl.max(z, 0))
-        # Guards for blocks (and rows) that are all -inf: never -inf - (-inf).
+        # Guards for blocks (and rows) that are all -inf: never -inf - (-inf). On the scalars only:
+        # while the row's max is -inf every z is -inf, and -inf - 0 stays -inf (e = 0).
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
-        z_shifted = tl.where(z == float("-inf"), z, z - m_new)
+        z_shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)
         e = tl.exp(z_shifted)
         if HAS_PLOGP:
             sum_exp_shifted = alpha * (sum_exp_shifted + shift * sum_exp) + tl.sum(
