@@ -3,16 +3,19 @@
 Forward (``generalised_ce_forward``), all in one launch, reading the row
     A   once, online: max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
         without cancellation), sum e^(z-m) (z-m) (-> sum_a pi_a log pi_a, the entropy) and, with
-        label smoothing, sum c_a (z_a - m); with stats also the target's rank;
-    R   only with a head (lambda_head != lambda_tail and k < V) or stats: radix select of the k-th
-        largest raw logit on order-preserving integer keys, one 8-bit digit histogram per pass
-        (2 passes for 16-bit dtypes, 4 for fp32);
-    H   only with a head: the head mass and sum pi log pi over K, resolving ties at the threshold
-        by index with a running tie count;
-and writes the row loss and the per-row state of the backward pass. No gradient is stored.
+        label smoothing, sum c_a (z_a - m); with stats also the target's rank; with a head also
+        the first radix step of the head: the histogram of the top digit of the logits'
+        order-preserving int32 keys (8 bits of 16-bit keys, 11 of fp32 keys);
+    R   only with a head (lambda_head != lambda_tail and k < V, or return_stats="full"): the rest
+        of the radix select of the k-th largest raw logit, one histogram pass per digit (16-bit:
+        one pass, fp32: two). The last pass also sums pi and pi log pi over the keys above the
+        threshold's bucket; its histogram counts exact keys, and equal keys are equal logits, so
+        the sums over the rest of K are count x pi per bin: no pass after the select.
+and writes the row loss and the per-row state of the backward pass. No gradient is stored. An
+ignored row reads nothing of its logits.
 
-Backward (``generalised_ce_backward``) reads the row once more and writes the gradient once,
-already multiplied by the incoming per-row gradient:
+Backward (``generalised_ce_backward``) reads the row once more and writes the gradient once
+(an ignored row: zeros, unread), already multiplied by the incoming per-row gradient:
     g_j = pi_j (coef - scale * lambda_j) - smooth * c_j   (j != y),    g_y = grad_target,
 times dz/dx = 1 - tanh(x/s)**2 under softcap. See precision_ce/reference.py for the same
 formulas in PyTorch and docs/design.md for the pass and memory-traffic accounting.
@@ -340,18 +343,22 @@ def generalised_ce_forward(
         return
     in_range = (target >= 0) & (target < V)
     target = tl.where(in_range, target, 0).to(tl.int32)  # never read out of bounds
-    x_target_raw = tl.load(row_ptr + target)
-    x_target = x_target_raw.to(tl.float32)
+    x_target_raw = 0.0
+    if HAS_STATS or HAS_HEAD:  # pass A places the target among the logits
+        x_target_raw = tl.load(row_ptr + target)
     # Radix digits: 8 bits (2 passes of the head) for 16-bit keys, 11 (3 passes) for fp32 keys.
     DIGIT_BITS: tl.constexpr = 8 if KEY_BITS == 16 else 11
 
     m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, top_histogram, ties_before_target = (
         _online_pass(
-            row_ptr, weight_ptr, V, target, x_target, softcap,
+            row_ptr, weight_ptr, V, target, x_target_raw.to(tl.float32), softcap,
             BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
             HAS_HEAD, KEY_BITS, DIGIT_BITS,
         )
     )
+    if not (HAS_STATS or HAS_HEAD):  # loaded after the pass: not held in a register across it
+        x_target_raw = tl.load(row_ptr + target)
+    x_target = x_target_raw.to(tl.float32)
     # Everything relative to the row max m: z - m is exact, z - lse would lose ulp(lse).
     log_sum_exp = tl.log(sum_exp)
     lse = m + log_sum_exp
