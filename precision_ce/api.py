@@ -300,6 +300,8 @@ def cross_entropy(
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
     with_stats = stats_level(return_stats)
     if _check_tensors(input, target, weight):
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs class-index targets; drop it for class-probability targets")
         return _probability_targets(input, target, weight, reduction, params, return_stats, backend)
 
     classes = input.shape[0 if input.dim() == 1 else 1]

@@ -90,3 +90,10 @@ def test_inplace_backward_refuses_torch_func() -> None:
     logits, target = _problem()
     with pytest.raises(NotImplementedError, match="eagerly only"):
         torch.func.grad(lambda x: cross_entropy(x, target, backend="torch", inplace_backward=True))(logits)
+
+
+def test_inplace_backward_refuses_probability_targets() -> None:
+    logits = random_logits(4, 10, seed=22).float().requires_grad_()
+    probabilities = torch.softmax(random_logits(4, 10, seed=23).float(), -1)
+    with pytest.raises(ValueError, match="inplace_backward=True needs class-index targets"):
+        cross_entropy(logits, probabilities, inplace_backward=True)
