@@ -191,11 +191,19 @@ def _online_pass(
                 c = tl.where(in_row, 1.0, 0.0)
             sum_c_shifted += shift * c_seen + tl.sum(tl.where(c == 0.0, 0.0, c * z_shifted), 0)
             c_seen += tl.sum(c, 0)
-        if HAS_STATS or HAS_HEAD:
-            # Equal floats are equal keys: the float compare places the target among its ties.
+        # Equal floats are equal keys: the float compare places the target among its ties.
+        if HAS_STATS and HAS_HEAD:
+            # Both counts from one block reduction: each is at most BLOCK < 2**16, ties in the high half.
+            tl.static_assert(BLOCK < 65536)
+            tie = (x == x_target) & (cols < target) & in_row
+            packed = tl.sum(((x > x_target) & in_row).to(tl.int32) + (tie.to(tl.int32) << 16), 0)
+            ranked_above += packed & 0xFFFF
+            ties_before_target += packed >> 16
+        elif HAS_STATS:  # the rank only: ties before the target counted with those above it
+            before = (x > x_target) | ((x == x_target) & (cols < target))
+            ranked_above += tl.sum((before & in_row).to(tl.int32), 0)
+        elif HAS_HEAD:
             ties_before_target += tl.sum(((x == x_target) & (cols < target) & in_row).to(tl.int32), 0)
-        if HAS_STATS:
-            ranked_above += tl.sum(((x > x_target) & in_row).to(tl.int32), 0)
         if HAS_HEAD:
             key = _sortable_key(x_raw, KEY_BITS)
             histogram += tl.histogram(_digit(key, KEY_BITS - DIGIT_BITS, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS,
