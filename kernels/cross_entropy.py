@@ -3,16 +3,19 @@
 Forward (``generalised_ce_forward``), all in one launch, reading the row
     A   once, online: max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
         without cancellation), sum e^(z-m) (z-m) (-> sum_a pi_a log pi_a, the entropy) and, with
-        label smoothing, sum c_a (z_a - m); with stats also the target's rank;
-    R   only with a head (lambda_head != lambda_tail and k < V) or stats: radix select of the k-th
-        largest raw logit on order-preserving integer keys, one 8-bit digit histogram per pass
-        (2 passes for 16-bit dtypes, 4 for fp32);
-    H   only with a head: the head mass and sum pi log pi over K, resolving ties at the threshold
-        by index with a running tie count;
-and writes the row loss and the per-row state of the backward pass. No gradient is stored.
+        label smoothing, sum c_a (z_a - m); with stats also the target's rank; with a head also
+        the first radix step of the head: the histogram of the top digit of the logits'
+        order-preserving int32 keys (8 bits of 16-bit keys, 11 of fp32 keys);
+    R   only with a head (lambda_head != lambda_tail and k < V, or return_stats="full"): the rest
+        of the radix select of the k-th largest raw logit, one histogram pass per digit (16-bit:
+        one pass, fp32: two). The last pass also sums pi and pi log pi over the keys above the
+        threshold's bucket; its histogram counts exact keys, and equal keys are equal logits, so
+        the sums over the rest of K are count x pi per bin: no pass after the select.
+and writes the row loss and the per-row state of the backward pass. No gradient is stored. An
+ignored row reads nothing of its logits.
 
-Backward (``generalised_ce_backward``) reads the row once more and writes the gradient once,
-already multiplied by the incoming per-row gradient:
+Backward (``generalised_ce_backward``) reads the row once more and writes the gradient once
+(an ignored row: zeros, unread), already multiplied by the incoming per-row gradient:
     g_j = pi_j (coef - scale * lambda_j) - smooth * c_j   (j != y),    g_y = grad_target,
 times dz/dx = 1 - tanh(x/s)**2 under softcap. See precision_ce/reference.py for the same
 formulas in PyTorch and docs/design.md for the pass and memory-traffic accounting.
@@ -61,19 +64,67 @@ def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _sortable_key(x_raw, KEY_BITS: tl.constexpr):
-    """Raw 16/32-bit floats -> int64 keys in [0, 2**KEY_BITS) with the order of the floats.
+    """Raw 16/32-bit floats -> int32 keys whose signed order is the order of the floats.
 
-    Negative floats flip all bits, positive ones flip the sign bit; -0.0 is first made +0.0 so
-    that equal logits get equal keys.
+    Negative floats reverse the order of their magnitude bits; -0.0 is first made +0.0, so equal
+    logits get equal keys and equal keys are equal logits.
     """
     if KEY_BITS == 16:
-        bits = x_raw.to(tl.int16, bitcast=True).to(tl.int64)
+        bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
     else:
-        bits = x_raw.to(tl.int32, bitcast=True).to(tl.int64)
-    sign: tl.constexpr = 1 << (KEY_BITS - 1)
-    bits = tl.where(bits == -sign, 0, bits)
-    flip = (bits >> 63) | sign
-    return (bits ^ flip) & ((1 << KEY_BITS) - 1)
+        bits = x_raw.to(tl.int32, bitcast=True)
+    sign: tl.constexpr = -(1 << (KEY_BITS - 1))
+    magnitude: tl.constexpr = (1 << (KEY_BITS - 1)) - 1
+    bits = tl.where(bits == sign, 0, bits)
+    return tl.where(bits < 0, bits ^ magnitude, bits)
+
+
+@triton.jit
+def _float_of_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The inverse of ``_sortable_key``: the logit (as fp32) whose key is ``key``."""
+    magnitude: tl.constexpr = (1 << (KEY_BITS - 1)) - 1
+    bits = tl.where(key < 0, key ^ magnitude, key)
+    if KEY_BITS == 16:
+        bits = bits.to(tl.int16)
+    return bits.to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _choose_digit(histogram, remaining, prefix, shift: tl.constexpr, BINS: tl.constexpr):
+    """One radix step: the digit (at ``shift``) of the key ranked ``remaining``-th from the top
+    among those counted in ``histogram``; returns the prefix with it and the rank left within it.
+
+    Count from the top: the wanted digit is the largest d with >= remaining keys at digits >= d;
+    the keys at larger digits are all in K.
+    """
+    bins = tl.arange(0, BINS)
+    at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
+    chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
+    remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
+    return prefix | (chosen << shift), remaining
+
+
+@triton.jit
+def _unsigned(key, KEY_BITS: tl.constexpr):
+    """Key -> its offset in [0, 2**KEY_BITS) (int32 bits; wrapping for 32-bit keys): digit order is key order."""
+    if KEY_BITS == 16:
+        return key + 32768
+    else:
+        return key ^ -2147483648
+
+
+@triton.jit
+def _signed(offset, KEY_BITS: tl.constexpr):
+    """The inverse of ``_unsigned``."""
+    if KEY_BITS == 16:
+        return offset - 32768
+    else:
+        return offset ^ -2147483648
+
+
+@triton.jit
+def _digit(key, shift: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    return (_unsigned(key, KEY_BITS) >> shift) & ((1 << DIGIT_BITS) - 1)
 
 
 @triton.jit
@@ -100,25 +151,32 @@ def _online_pass(
     row_ptr, weight_ptr, V, target, x_target, softcap,
     BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_STATS: tl.constexpr, HAS_PLOGP: tl.constexpr,
+    HAS_HEAD: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
 ):
-    """Pass A. Returns m, s, s without the target, sum e^(z-m)(z-m), sum c (z-m), target rank."""
+    """Pass A. Returns m, s, s without the target, sum e^(z-m)(z-m), sum c (z-m), the target's rank,
+    and with HAS_HEAD the first radix step of the head: the histogram of the keys' top digit and
+    the number of logits equal to the target's before it (its place among ties)."""
     m = float("-inf")
     sum_exp = 0.0
     sum_exp_others = 0.0
     sum_exp_shifted = 0.0  # sum e^(z-m) (z-m); rescaled like sum_exp when m grows
     sum_c_shifted = 0.0  # sum c (z-m); shifted by the change of m times the classes seen
     c_seen = 0.0
-    rank = 1
+    ranked_above = 0
+    ties_before_target = 0
+    histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
+        x = x_raw.to(tl.float32)
         z = _softcap(x, softcap, HAS_SOFTCAP)
         m_new = tl.maximum(m, tl.max(z, 0))
-        # Guards for blocks (and rows) that are all -inf: never -inf - (-inf).
+        # Guards for blocks (and rows) that are all -inf: never -inf - (-inf). On the scalars only:
+        # while the row's max is -inf every z is -inf, and -inf - 0 stays -inf (e = 0).
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
-        z_shifted = tl.where(z == float("-inf"), z, z - m_new)
+        z_shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)
         e = tl.exp(z_shifted)
         if HAS_PLOGP:
             sum_exp_shifted = alpha * (sum_exp_shifted + shift * sum_exp) + tl.sum(
@@ -133,79 +191,132 @@ def _online_pass(
                 c = tl.where(in_row, 1.0, 0.0)
             sum_c_shifted += shift * c_seen + tl.sum(tl.where(c == 0.0, 0.0, c * z_shifted), 0)
             c_seen += tl.sum(c, 0)
-        if HAS_STATS:
+        # Equal floats are equal keys: the float compare places the target among its ties.
+        if HAS_STATS and HAS_HEAD:
+            # Both counts from one block reduction: each is at most BLOCK < 2**16, ties in the high half.
+            tl.static_assert(BLOCK < 65536)
+            tie = (x == x_target) & (cols < target) & in_row
+            packed = tl.sum(((x > x_target) & in_row).to(tl.int32) + (tie.to(tl.int32) << 16), 0)
+            ranked_above += packed & 0xFFFF
+            ties_before_target += packed >> 16
+        elif HAS_STATS:  # the rank only: ties before the target counted with those above it
             before = (x > x_target) | ((x == x_target) & (cols < target))
-            rank += tl.sum((before & in_row).to(tl.int32), 0)
+            ranked_above += tl.sum((before & in_row).to(tl.int32), 0)
+        elif HAS_HEAD:
+            ties_before_target += tl.sum(((x == x_target) & (cols < target) & in_row).to(tl.int32), 0)
+        if HAS_HEAD:
+            key = _sortable_key(x_raw, KEY_BITS)
+            histogram += tl.histogram(_digit(key, KEY_BITS - DIGIT_BITS, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS,
+                                      mask=in_row)
         m = m_new
-    return m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank
+    rank = 1 + ranked_above + ties_before_target
+    return m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, histogram, ties_before_target
 
 
 @triton.jit
-def _radix_select(row_ptr, V, k, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Pass R. Key of the k-th largest raw logit, and how many logits equal to it are in K."""
-    prefix = tl.zeros((), tl.int64)
-    remaining = k  # rank of the wanted key among the keys that share the prefix
-    bins = tl.arange(0, 256)
-    for digit_pass in tl.static_range(KEY_BITS // 8):
-        shift = KEY_BITS - 8 * (digit_pass + 1)
-        histogram = tl.zeros((256,), tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < V
-            key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=0.0), KEY_BITS)
-            selected = in_row & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            digit = ((key >> shift) & 255).to(tl.int32)
-            histogram += tl.histogram(digit, 256, mask=selected)
-        # Count from the top: the wanted key's digit is the largest d with >= remaining keys at
-        # digits >= d; the keys at larger digits are all in K.
-        at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
-        chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
-        remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
-        prefix = prefix | (chosen.to(tl.int64) << shift)
-    return prefix, remaining
-
-
-@triton.jit
-def _head_pass(
-    row_ptr, V, target, row_max, log_sum_exp, threshold, ties_wanted, softcap,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HEAD_SUMS: tl.constexpr,
+def _bucket_histogram(
+    row_ptr, V, prefix_key, PREFIX_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
 ):
-    """Pass H. Index of the last tie in K, and over K: mass, mass without y, sum pi log pi without y.
+    """A middle radix step (fp32 only): the histogram of the digit at SHIFT of the keys whose bits
+    from PREFIX_SHIFT up are those of ``prefix_key``."""
+    histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=0.0), KEY_BITS)
+        selected = in_row & ((key >> PREFIX_SHIFT) == (prefix_key >> PREFIX_SHIFT))
+        histogram += tl.histogram(_digit(key, SHIFT, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS, mask=selected)
+    return histogram
 
-    Without HEAD_SUMS only the last tie (the sums stay 0): a vocabulary shard's pass, whose sums
-    over K come from the gathered top values (kernels/vocab_parallel.py).
+
+@triton.jit
+def _head(
+    row_ptr, V, k, target, x_target_raw, ties_before_target, top_histogram, row_max, log_sum_exp, softcap,
+    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Passes R after pass A's top digit: the head K and its sums, by radix select on the keys.
+
+    The middle digits (fp32: one) take a histogram pass each; the last pass takes the histogram of
+    the last digit within the bucket that holds the k-th key, and sums pi and pi log pi over the
+    keys above that bucket. The last histogram counts exact keys, and equal keys are equal logits
+    with equal pi, so the sums over the rest of K are count x pi per bin: no pass after the select.
+    Returns the threshold key (the k-th largest), how many logits equal to it are in K (the first
+    ones in index order), and over K: the mass, the mass without the target, sum pi log pi without
+    the target.
     """
-    ties_seen = 0
-    last_tie = -1
-    mass = 0.0
-    mass_others = 0.0
-    plogp_others = 0.0
+    BINS: tl.constexpr = 1 << DIGIT_BITS
+    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
+    LAST_PREFIX_SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (PASSES - 1)
+    prefix, remaining = _choose_digit(top_histogram, k, 0, KEY_BITS - DIGIT_BITS, BINS)  # an offset
+    for middle in tl.static_range(1, PASSES - 1):
+        shift: tl.constexpr = KEY_BITS - DIGIT_BITS * (middle + 1)
+        histogram = _bucket_histogram(row_ptr, V, _signed(prefix, KEY_BITS), shift + DIGIT_BITS, shift,
+                                      BLOCK, KEY_BITS, DIGIT_BITS)
+        prefix, remaining = _choose_digit(histogram, remaining, prefix, shift, BINS)
+
+    bucket = _signed(prefix, KEY_BITS) >> LAST_PREFIX_SHIFT
+    histogram = tl.zeros((BINS,), tl.int32)
+    mass_above = 0.0  # over the keys above the bucket, without the target
+    plogp_above = 0.0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
         key = _sortable_key(x_raw, KEY_BITS)
+        key_bucket = key >> LAST_PREFIX_SHIFT
+        histogram += tl.histogram(_digit(key, 0, KEY_BITS, DIGIT_BITS), BINS, mask=in_row & (key_bucket == bucket))
+        log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
+        p = tl.exp(log_p)
+        above = in_row & (key_bucket > bucket) & (cols != target) & (p > 0.0)
+        mass_above += tl.sum(tl.where(above, p, 0.0), 0)
+        plogp_above += tl.sum(tl.where(above, p * log_p, 0.0), 0)
+    prefix, ties_in_head = _choose_digit(histogram, remaining, prefix, 0, BINS)
+    threshold = _signed(prefix, KEY_BITS)
+
+    key_target = _sortable_key(x_target_raw, KEY_BITS)
+    target_in = (key_target > threshold) | ((key_target == threshold) & (ties_before_target < ties_in_head))
+    # Each bin of the last digit is one logit value: pi from the value, times how many are in K.
+    bins = tl.arange(0, BINS)
+    chosen = prefix & (BINS - 1)
+    value = _float_of_key(_signed((prefix & ~(BINS - 1)) | bins, KEY_BITS), row_ptr.dtype.element_ty, KEY_BITS)
+    log_p = (_softcap(value, softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
+    p = tl.exp(log_p)
+    count = tl.where(bins > chosen, histogram, 0) + tl.where(bins == chosen, ties_in_head, 0)
+    # The target's own entry, when it is in K and in this bucket, is not a wrong token.
+    target_bin = _digit(key_target, 0, KEY_BITS, DIGIT_BITS)
+    own = target_in & ((key_target >> LAST_PREFIX_SHIFT) == bucket) & (bins == target_bin)
+    count -= own.to(tl.int32)
+    counted = (count > 0) & (p > 0.0)
+    mass_others = mass_above + tl.sum(tl.where(counted, count * p, 0.0), 0)
+    plogp_others = plogp_above + tl.sum(tl.where(counted, count * (p * log_p), 0.0), 0)
+    p_target = tl.exp((_softcap(x_target_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp)
+    mass = mass_others + tl.where(target_in, p_target, 0.0)
+    return threshold, ties_in_head, mass, mass_others, plogp_others
+
+
+@triton.jit
+def _last_tie_in_head(row_ptr, V, threshold, ties_wanted, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Index of the last logit equal to the threshold key that is in K (the first ``ties_wanted``
+    of them in index order; -1: none), by a running tie count."""
+    ties_seen = 0
+    last_tie = -1
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < V
+        key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=float("-inf")), KEY_BITS)
         tie = in_row & (key == threshold)
-        # Ties enter K in index order: the running count decides.
         tie_in = tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted)
-        head = (in_row & (key > threshold)) | tie_in
         last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
         ties_seen += tl.sum(tie.to(tl.int32), 0)
-        if HEAD_SUMS:
-            log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-            p = tl.where(head, tl.exp(log_p), 0.0)
-            others = head & (cols != target) & (p > 0.0)
-            mass += tl.sum(p, 0)
-            mass_others += tl.sum(tl.where(others, p, 0.0), 0)
-            plogp_others += tl.sum(tl.where(others, p * log_p, 0.0), 0)
-    return last_tie, mass, mass_others, plogp_others
+    return last_tie
 
 
 @triton.jit
 def generalised_ce_forward(
     logits_ptr, stride_row, target_ptr, weight_ptr,
     loss_ptr, row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr,
-    threshold_ptr, last_tie_ptr,
+    threshold_ptr, ties_in_head_ptr,
     entropy_ptr, rank_ptr, topk_mass_ptr,
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,
@@ -214,20 +325,48 @@ def generalised_ce_forward(
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Row loss and backward state. ``lambda_tail`` is the reward of every wrong token when
-    HAS_HEAD is False (the host passes the uniform reward there)."""
-    tl.static_assert(HAS_HEAD or not HAS_STATS, "the top-k mass of the stats needs the head passes")
+    HAS_HEAD is False (the host passes the uniform reward there). With HAS_STATS the entropy and
+    the target's rank come from pass A; the top-k mass needs HAS_HEAD (NaN without).
+
+    An ignored row reads nothing of its logits: its loss, state and stats are 0."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(target_ptr + row)
     ignored = target == ignore_index
+    if ignored:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(row_max_ptr + row, 0.0)
+        tl.store(log_sum_exp_ptr + row, 0.0)
+        tl.store(coef_ptr + row, 0.0)
+        tl.store(scale_ptr + row, 0.0)
+        tl.store(smooth_ptr + row, 0.0)
+        tl.store(grad_target_ptr + row, 0.0)
+        if HAS_HEAD:
+            tl.store(threshold_ptr + row, 0)
+            tl.store(ties_in_head_ptr + row, 0)
+        if HAS_STATS:
+            tl.store(entropy_ptr + row, 0.0)
+            tl.store(rank_ptr + row, 0.0)
+            tl.store(topk_mass_ptr + row, 0.0)
+        return
     in_range = (target >= 0) & (target < V)
     target = tl.where(in_range, target, 0).to(tl.int32)  # never read out of bounds
-    x_target = tl.load(row_ptr + target).to(tl.float32)
+    x_target_raw = 0.0
+    if HAS_STATS or HAS_HEAD:  # pass A places the target among the logits
+        x_target_raw = tl.load(row_ptr + target)
+    # Radix digits: 8 bits (2 passes of the head) for 16-bit keys, 11 (3 passes) for fp32 keys.
+    DIGIT_BITS: tl.constexpr = 8 if KEY_BITS == 16 else 11
 
-    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank = _online_pass(
-        row_ptr, weight_ptr, V, target, x_target, softcap,
-        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
+    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, top_histogram, ties_before_target = (
+        _online_pass(
+            row_ptr, weight_ptr, V, target, x_target_raw.to(tl.float32), softcap,
+            BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
+            HAS_HEAD, KEY_BITS, DIGIT_BITS,
+        )
     )
+    if not (HAS_STATS or HAS_HEAD):  # loaded after the pass: not held in a register across it
+        x_target_raw = tl.load(row_ptr + target)
+    x_target = x_target_raw.to(tl.float32)
     # Everything relative to the row max m: z - m is exact, z - lse would lose ulp(lse).
     log_sum_exp = tl.log(sum_exp)
     lse = m + log_sum_exp
@@ -242,13 +381,12 @@ def generalised_ce_forward(
     w_y, w_y_times_1m, target_term = _target_weight(log_pi_y, log1m_pi_y, beta, SHAPED, FOCAL)
 
     if HAS_HEAD:
-        threshold, ties_wanted = _radix_select(row_ptr, V, k, BLOCK, KEY_BITS)
-        last_tie, head_mass, head_mass_others, head_plogp_others = _head_pass(
-            row_ptr, V, target, m, log_sum_exp, threshold, ties_wanted, softcap,
-            BLOCK, KEY_BITS, HAS_SOFTCAP, True,
+        threshold, ties_in_head, head_mass, head_mass_others, head_plogp_others = _head(
+            row_ptr, V, k, target, x_target_raw, ties_before_target, top_histogram, m, log_sum_exp, softcap,
+            BLOCK, KEY_BITS, DIGIT_BITS, HAS_SOFTCAP,
         )
         tl.store(threshold_ptr + row, threshold)
-        tl.store(last_tie_ptr + row, last_tie)
+        tl.store(ties_in_head_ptr + row, ties_in_head)
         negative_mass = lambda_head * head_mass_others + lambda_tail * (one_minus_pi_y - head_mass_others)
         negative_loss = -(
             lambda_head * head_plogp_others + lambda_tail * (plogp_others - head_plogp_others)
@@ -263,7 +401,7 @@ def generalised_ce_forward(
     else:
         c_y = 1.0
         class_weight_sum = V * 1.0
-    valid = ~ignored & in_range
+    valid = in_range
     scale = tl.where(valid, c_y * (1.0 - label_smoothing), 0.0)
     smooth = tl.where(valid, label_smoothing / V, 0.0)
     loss = scale * (target_term + negative_loss)
@@ -281,8 +419,8 @@ def generalised_ce_forward(
     grad_target = pi_y * (w_rest + z_loss_grad) - scale * w_y_times_1m - smooth * c_y * one_minus_pi_y
     coef = w_rest + w_y_final + z_loss_grad
     # A target outside [0, V) that is not ignore_index gets NaN: visible, never out of bounds.
-    bad = ~ignored & ~in_range
-    tl.store(loss_ptr + row, tl.where(bad, float("nan"), tl.where(ignored, 0.0, loss)))
+    bad = ~in_range
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss))
     tl.store(row_max_ptr + row, m)
     tl.store(log_sum_exp_ptr + row, log_sum_exp)
     tl.store(coef_ptr + row, tl.where(bad, float("nan"), coef))
@@ -291,8 +429,11 @@ def generalised_ce_forward(
     tl.store(grad_target_ptr + row, grad_target)
     if HAS_STATS:
         tl.store(entropy_ptr + row, -plogp)
-        tl.store(rank_ptr + row, tl.where(ignored, 0, rank).to(tl.float32))
-        tl.store(topk_mass_ptr + row, head_mass)
+        tl.store(rank_ptr + row, rank.to(tl.float32))
+        if HAS_HEAD:
+            tl.store(topk_mass_ptr + row, head_mass)
+        else:
+            tl.store(topk_mass_ptr + row, float("nan"))  # not computed: the loss has no head
 
 
 @triton.jit
@@ -300,7 +441,7 @@ def generalised_ce_backward(
     logits_ptr, stride_row, target_ptr, weight_ptr, grad_rows_ptr, grad_rows_stride,
     grad_ptr, grad_stride_row,
     row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr,
-    last_tie_ptr, V, vocab_start, ignore_index, lambda_head, lambda_tail, softcap,
+    ties_in_head_ptr, V, vocab_start, ignore_index, lambda_head, lambda_tail, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -309,12 +450,19 @@ def generalised_ce_backward(
     The row may be a vocabulary shard, classes [vocab_start, vocab_start + V) of a larger
     vocabulary (0 and the whole vocabulary otherwise): the per-row state carries every global
     number (eps / V of the whole vocabulary in ``smooth``), so only the target's column moves.
+    With a head, of the logits equal to the threshold the first ``ties_in_head`` (of the row or
+    shard, in index order) are in K: a running tie count, with a cumsum only in blocks that hold ties.
+    An ignored row writes zeros without reading its logits.
     """
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     out_ptr = grad_ptr + row * grad_stride_row
     target = tl.load(target_ptr + row)
-    valid = target != ignore_index
+    if target == ignore_index:  # zeros, without reading the row
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(out_ptr + cols, tl.zeros((BLOCK,), grad_ptr.dtype.element_ty), mask=cols < V)
+        return
     target_column = target - vocab_start  # outside [0, V) when another shard owns the target
     upstream = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32)
     row_max = tl.load(row_max_ptr + row)
@@ -325,7 +473,8 @@ def generalised_ce_backward(
     grad_target = tl.load(grad_target_ptr + row) * upstream
     if HAS_RANK:
         threshold = tl.load(threshold_ptr + row)
-        last_tie = tl.load(last_tie_ptr + row)
+        ties_in_head = tl.load(ties_in_head_ptr + row)
+        ties_seen = 0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -335,7 +484,12 @@ def generalised_ce_backward(
         p = tl.where(z == float("-inf"), 0.0, tl.exp((z - row_max) - log_sum_exp))
         if HAS_RANK:
             key = _sortable_key(x_raw, KEY_BITS)
-            head = (key > threshold) | ((key == threshold) & (cols <= last_tie))
+            head = key > threshold  # -inf padding never is: the threshold is a key of the row
+            tie = in_row & (key == threshold)
+            block_ties = tl.sum(tie.to(tl.int32), 0)
+            if block_ties > 0:
+                head |= tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_in_head)
+            ties_seen += block_ties
             g = p * (coef - scale * tl.where(head, lambda_head, lambda_tail))
         else:
             g = p * (coef - scale * lambda_tail)
@@ -348,5 +502,4 @@ def generalised_ce_backward(
         if HAS_SOFTCAP:
             t = _tanh(x / softcap)
             g *= (1.0 - t) * (1.0 + t)
-        g = tl.where(valid, g, 0.0)
         tl.store(out_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)

@@ -7,7 +7,7 @@ given ``vocab_start``):
     A   ``_online_pass``: the shard's max m_r and, relative to it, s_r = sum e^(z - m_r), the same
         without the target (when this shard owns it), sum e^(z - m_r)(z - m_r), sum c (z - m_r);
         with stats the count of logits ranked before the target, given the global x_y.
-    H   only with a head: ``_head_pass`` without its sums, given the global threshold (the k-th
+    H   only with a head: ``_last_tie_in_head``, given the global threshold (the k-th
         largest raw logit, gathered by the host) and this shard's tie budget (how many of its
         logits equal to the threshold are in K): the index of its last tie in K.
 
@@ -21,7 +21,7 @@ top values, so H needs neither m nor log-sum-exp.
 import triton
 import triton.language as tl
 
-from .cross_entropy import _head_pass, _online_pass, _sortable_key
+from .cross_entropy import _last_tie_in_head, _online_pass, _sortable_key
 
 PARTIAL_COLUMNS = tl.constexpr(6)
 """m_r, s_r, s_r without the target, sum e^(z - m_r)(z - m_r), sum c (z - m_r), logits before the target."""
@@ -49,9 +49,9 @@ def vocab_shard_partials(
     x_target = 0.0
     if HAS_STATS:
         x_target = tl.load(x_target_ptr + row)
-    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank = _online_pass(
+    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, _, _ = _online_pass(
         row_ptr, weight_ptr, V, target_column, x_target, softcap,
-        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP,
+        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP, False, KEY_BITS, 8,
     )
     out = partial_ptr + row * PARTIAL_COLUMNS
     tl.store(out, m)
@@ -67,9 +67,6 @@ def vocab_shard_partials(
     if HAS_HEAD:
         threshold = _sortable_key(tl.load(threshold_value_ptr + row), KEY_BITS)
         tie_budget = tl.load(tie_budget_ptr + row)
-        last_tie, _, _, _ = _head_pass(
-            row_ptr, V, target_column, 0.0, 0.0, threshold, tie_budget, softcap,
-            BLOCK, KEY_BITS, HAS_SOFTCAP, False,
-        )
+        last_tie = _last_tie_in_head(row_ptr, V, threshold, tie_budget, BLOCK, KEY_BITS)
         tl.store(threshold_key_ptr + row, threshold)
         tl.store(last_tie_ptr + row, last_tie)

@@ -139,6 +139,15 @@ def _result(
     return loss, RowStats(*(s.reshape(shape) for s in stats))
 
 
+def stats_level(return_stats: bool | str) -> int:
+    """``return_stats`` (False, True or "full") as a stats level of the backends (``reference.STATS``)."""
+    if return_stats == "full":
+        return reference.FULL_STATS
+    if not isinstance(return_stats, bool):
+        raise ValueError(f'return_stats must be False, True or "full", got {return_stats!r}')
+    return reference.STATS if return_stats else reference.NO_STATS
+
+
 def _describe(value: object) -> str:
     return f"tensor of {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -257,9 +266,10 @@ def cross_entropy(
     config: RewardConfig | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    return_stats: bool = False,
+    return_stats: bool | Literal["full"] = False,
     backend: Backend = "auto",
     check_targets: bool | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
     """Generalised next-token loss; ``F.cross_entropy`` when beta = lambda_head = lambda_tail = 0.
 
@@ -274,12 +284,23 @@ def cross_entropy(
         z_loss: coefficient zeta of the auxiliary ``zeta * logsumexp**2`` per row.
         softcap: s in ``z = s * tanh(x / s)`` applied to the logits first, or None.
         return_stats: also return per-position fp32 ``RowStats`` (entropy, lse, target rank,
-            top-k mass), shaped like the unreduced loss.
+            top-k mass), shaped like the unreduced loss; 0 at ignored positions. True: the
+            top-k mass only where the loss has a head (``lambda_head != lambda_tail``, ``k < C``),
+            NaN elsewhere, so that stats cost no pass over the logits beyond the loss's own;
+            "full": the top-k mass always (at the cross-entropy or beta setting, the head's
+            extra passes).
         backend: "auto" (Triton kernel for CUDA tensors, else torch), "torch" or "triton".
         check_targets: check that targets are in range (a host sync on CUDA). Default: always,
             except for the Triton kernel on CUDA, which never reads out of bounds and gives such
             rows a NaN loss instead of synchronising. Eagerly a ValueError; under torch.compile
             an in-graph assert (RuntimeError). The torch backend's op always checks itself.
+        inplace_backward: the backward pass writes the gradient over ``input`` (as flash-attn's
+            option): no second (N, C) buffer. Afterwards ``input`` holds its gradient; autograd
+            raises (its "modified by an inplace operation" error) if anything else saved ``input``
+            for its own backward and runs after the loss's, or on a second backward. ``input`` is
+            overwritten where the loss reads it in place ((N, C) or (C,) with a dense class
+            dimension; otherwise the loss's own copy is). Eager only: NotImplementedError under
+            torch.compile and torch.func.
 
     Returns:
         The loss in ``input``'s dtype (float32 for 16-bit logits under autocast, as torch's): a
@@ -294,18 +315,25 @@ def cross_entropy(
                             positive_reward=positive_reward)
     params = _loss_params(reward, ignore_index, label_smoothing, z_loss, softcap)
     if any(isinstance(value, DTensor) for value in (input, target, weight)):
+        if inplace_backward:
+            raise NotImplementedError("inplace_backward=True takes plain tensors; drop it for DTensor logits")
         from . import dtensor  # DTensor in, DTensor out: the local loss below on each rank's shard
 
         return dtensor.cross_entropy(input, target, weight, reduction, params, return_stats, backend, check_targets)
-    return _cross_entropy(input, target, weight, reduction, params, return_stats, backend, check_targets)
+    return _cross_entropy(input, target, weight, reduction, params, return_stats, backend, check_targets,
+                          inplace_backward=inplace_backward)
 
 
 def _cross_entropy(
     input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str, params: LossParams,
-    return_stats: bool, backend: Backend, check_targets: bool | None, sum_over: SumOver | None = None,
+    return_stats: bool | str, backend: Backend, check_targets: bool | None, sum_over: SumOver | None = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
     """``cross_entropy`` of plain tensors, arguments checked; ``sum_over``: see ``SumOver``."""
+    with_stats = stats_level(return_stats)
     if _check_tensors(input, target, weight):
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs class-index targets; drop it for class-probability targets")
         return _probability_targets(input, target, weight, reduction, params, return_stats, backend)
 
     classes = input.shape[0 if input.dim() == 1 else 1]
@@ -321,7 +349,7 @@ def _cross_entropy(
 
     # torch's own loss where it is exact: fp32/fp64 at the plain setting. 16-bit logits take our
     # path, which computes in fp32 (torch's CPU kernels round the target's gradient to 16 bits).
-    if (chosen == "torch" and params.is_plain_cross_entropy and not return_stats
+    if (chosen == "torch" and params.is_plain_cross_entropy and not return_stats and not inplace_backward
             and input.dtype in EXACT_DTYPES and not (sum_over and reduction == "mean")):
         return _torch_cross_entropy(input, target.long(), weight, ignore_index=params.ignore_index,
                                     reduction=reduction, label_smoothing=params.label_smoothing)
@@ -329,7 +357,8 @@ def _cross_entropy(
     denominator = z_scale = None
     if reduction == "mean":
         denominator, z_scale = _mean_denominator(rows_target, weight, params, classes, sum_over)
-    rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, return_stats)
+    rows_loss, stats = ops.loss_rows(chosen, logits, rows_target, weight, z_scale, params, with_stats,
+                                     inplace_backward)
     return _result(_reduce_rows(rows_loss, reduction, denominator), stats, reduction, target.shape,
                    result_dtype(input))
 

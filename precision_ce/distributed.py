@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -47,10 +47,11 @@ from .api import (
     _result,
     _reward_config,
     result_dtype,
+    stats_level,
 )
 from .config import LossParams, RewardConfig
 from .ops import rescale_z_loss
-from .reference import Head, RowStats, RowSums, apply_softcap, compute_dtype
+from .reference import Head, RowStats, RowSums, apply_softcap, compute_dtype, finds_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _zero_target(values: torch.Tensor, column: torch.Tensor, owned: torch.Tensor
 
 def forward(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams, shard: Shard,
-    with_stats: bool, z_loss_plain_mean: bool, backend: ModuleType = reference, sum_over: SumOver | None = None,
+    with_stats: int, z_loss_plain_mean: bool, backend: ModuleType = reference, sum_over: SumOver | None = None,
 ) -> tuple[torch.Tensor, Any, RowStats | None, torch.Tensor]:
     """Loss per row (identical on every rank), this rank's row state, stats and the mean's denominator.
 
@@ -133,8 +134,8 @@ def forward(
     reward, group, vocab, start = params.reward, shard.group, shard.vocab, shard.vocab_start
     cdt = compute_dtype(logits.dtype)
     device = logits.device
-    ranked = reward.needs_rank(vocab) or with_stats
-    has_plogp = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0 or with_stats
+    ranked = reward.needs_rank(vocab) or with_stats > 0
+    has_plogp = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0 or with_stats > 0
     kernels = backend is not reference
     k = min(reward.k, vocab)
     class_weight = None if weight is None else weight.to(cdt)
@@ -185,7 +186,7 @@ def forward(
     # Pass 2: this rank's partial sums, one column each, summed over ranks by collective 2.
     names = ["sum_exp", "sum_exp_others"]
     names += ["sum_exp_shifted"] * has_plogp + ["smooth"] * params.has_smoothing
-    names += ["c_y"] * (weight is not None) + ["target_in"] * ranked + ["before_target"] * with_stats
+    names += ["c_y"] * (weight is not None) + ["target_in"] * ranked + ["before_target"] * (with_stats > 0)
     partial = torch.zeros(rows, len(names), dtype=cdt, device=device)
     col = {name: i for i, name in enumerate(names)}
     index = torch.arange(start, start + shard_vocab, device=device)
@@ -246,14 +247,17 @@ def forward(
                                       loss, state, denominator / count)
     if kernels:
         # The kernels index per-row numbers densely; columns of the all-reduced tensors are strided.
+        # With a head, the backward kernel takes this shard's tie budget (its first ties_in_k ties are in K).
+        ties_in_head = ties_in_k.to(torch.int32) if ranked else found.last_tie
         state = backend.RowState(*(field.float().contiguous() for field in state[:6]), found.threshold,
-                                 found.last_tie)
+                                 ties_in_head)
     stats = None
     if with_stats:
-        stats = RowStats(
-            entropy=-plogp.float(), lse=(row_max + log_sum_exp).float(),
-            target_rank=torch.where(valid, 1.0 + total["before_target"], 0.0).float(), topk_mass=head.mass.float(),
-        )
+        # As the single-device backends: 0 on ignored rows; the top-k mass NaN unless asked for
+        # or the loss has a head (here the exchange finds K for the target rank anyway).
+        topk_mass = head.mass if finds_head(reward, vocab, with_stats) else torch.full_like(head.mass, torch.nan)
+        stats = RowStats(*(torch.where(valid, value, 0.0).float() for value in
+                           (-plogp, row_max + log_sum_exp, 1.0 + total["before_target"], topk_mass)))
     return loss, state, stats, denominator
 
 
@@ -344,7 +348,7 @@ def vocab_parallel_cross_entropy(
     config: RewardConfig | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    return_stats: bool = False,
+    return_stats: bool | Literal["full"] = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
     """The generalised loss of logits sharded over the vocabulary: ``precision_ce.cross_entropy``
@@ -377,9 +381,10 @@ def vocab_parallel_cross_entropy(
 
 def _vocab_parallel_cross_entropy(
     input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: str, params: LossParams,
-    return_stats: bool, backend: str, group: Any, sum_over: SumOver | None = None,
+    return_stats: bool | str, backend: str, group: Any, sum_over: SumOver | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, RowStats]:
     """``vocab_parallel_cross_entropy`` with its arguments checked; ``sum_over``: see ``api.SumOver``."""
+    with_stats = stats_level(return_stats)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "vocab_parallel_cross_entropy needs torch.distributed: call "
@@ -397,7 +402,7 @@ def _vocab_parallel_cross_entropy(
     shard = shard_of(logits, weight, group)
     _check_target_range(target, shard.vocab, params.ignore_index)
     z_loss_plain_mean = reduction == "mean" and weight is not None and params.has_z_loss
-    outputs = _VocabParallelCrossEntropy.apply(logits, rows_target, weight, params, shard, return_stats,
+    outputs = _VocabParallelCrossEntropy.apply(logits, rows_target, weight, params, shard, with_stats,
                                                z_loss_plain_mean, chosen, sum_over if reduction == "mean" else None)
     rows_loss, denominator = outputs[:2]
     return _result(_reduce_rows(rows_loss, reduction, denominator), outputs[2:] if return_stats else None,

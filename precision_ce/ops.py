@@ -114,7 +114,7 @@ def rescale_z_loss(
 
 def _run_forward(
     backend_forward: Callable[..., Any], logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-    z_scale: torch.Tensor | None, params: LossParams, with_stats: bool,
+    z_scale: torch.Tensor | None, params: LossParams, with_stats: int,
 ) -> tuple[torch.Tensor, ...]:
     loss, state, stats = backend_forward(logits, target, weight, params, with_stats)
     if z_scale is not None:
@@ -149,7 +149,7 @@ def _torch_ops(name: str, fused: bool) -> tuple[Any, Any]:
     def forward(
         logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
         beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: int,
     ) -> LossOutputs:
         params = params_from(beta, k, lambda_head, lambda_tail, positive_reward, ignore_index, label_smoothing,
                              z_loss, softcap)
@@ -175,9 +175,9 @@ def _torch_ops(name: str, fused: bool) -> tuple[Any, Any]:
 
 def row_state_dtypes(backend: str, compute: torch.dtype) -> tuple[torch.dtype, ...]:
     """The dtypes of a backend's ``RowState`` fields, as its ``forward`` allocates them (for fake
-    implementations): the compute dtype and int64 (torch), or fp32, int64 and int32 (triton)."""
+    implementations): the compute dtype and int64 (torch), or fp32 and int32 (triton)."""
     if backend == "triton":
-        return (torch.float32,) * 6 + (torch.int64, torch.int32)
+        return (torch.float32,) * 6 + (torch.int32, torch.int32)
     return (compute,) * (STATE_FIELDS - 1) + (torch.long,)
 
 
@@ -209,7 +209,7 @@ if triton_backend is not None:
     def triton_forward(
         logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, z_scale: torch.Tensor | None,
         beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+        label_smoothing: float, z_loss: float, softcap: float | None, with_stats: int,
     ) -> LossOutputs:
         """Per-row loss, RowState and RowStats of the Triton kernels; a target outside [0, V) that
         is not ignore_index gives its row a NaN loss and gradient (no host check here)."""
@@ -333,15 +333,57 @@ if triton_backend is not None:
     FORWARD["triton"] = register_loss_autograd(triton_forward, triton_backward, passed=3)
 
 
+class _InPlaceBackward(torch.autograd.Function):
+    """The loss whose backward pass writes the gradient over the logits (``inplace_backward=True``).
+
+    Eager only. The logits are saved as any input; the backward pass unpacks them (autograd's
+    version check: it raises if they were modified since the forward pass), writes the gradient
+    into their buffer, bumps their version counter and returns that buffer as their gradient. Any
+    other node that saved the logits and runs later, and a second backward through this one, then
+    raise autograd's "modified by an inplace operation" error instead of reading the gradient as
+    logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,  # type: ignore[override]
+                z_scale: torch.Tensor | None, backend: Any, params: LossParams,
+                with_stats: int) -> tuple[torch.Tensor, ...]:
+        outputs = _run_forward(backend.forward, logits, target, weight, z_scale, params, with_stats)
+        ctx.save_for_backward(logits, target, weight, *outputs[1:1 + STATE_FIELDS])
+        ctx.backend, ctx.params = backend, params
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, target, weight, *state = ctx.saved_tensors
+        grad = ctx.backend.backward(logits, target, weight, ctx.params, ctx.backend.RowState(*state), grad_loss,
+                                    in_place=True)
+        torch.autograd.graph.increment_version(logits)
+        return grad, None, None, None, None, None, None
+
+
 def loss_rows(
     backend: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-    z_scale: torch.Tensor | None, params: LossParams, with_stats: bool,
+    z_scale: torch.Tensor | None, params: LossParams, with_stats: int, inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, RowStats | None]:
-    """Per-row loss (rows,) in the compute dtype and, with ``with_stats``, the fp32 RowStats.
+    """Per-row loss (rows,) in the compute dtype and, with ``with_stats`` (a stats level,
+    ``reference.STATS`` or ``FULL_STATS``), the fp32 RowStats.
 
     logits (rows, V); target (rows,) int64; weight (V,) or None; z_scale a 0-d tensor or None.
-    Differentiable in ``logits``.
+    Differentiable in ``logits``; ``inplace_backward``: the backward pass overwrites the logits with
+    their gradient (``_InPlaceBackward``; eager only).
     """
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or under_torch_func(logits):
+            raise NotImplementedError(
+                "inplace_backward=True runs eagerly only (its backward pass writes into a saved input); "
+                "drop it under torch.compile and torch.func transforms"
+            )
+        outputs = _InPlaceBackward.apply(logits, target, weight, z_scale,
+                                         reference if backend == "torch" else triton_backend, params, with_stats)
+        return outputs[0], (RowStats(*outputs[1 + STATE_FIELDS:]) if with_stats else None)
     if backend == "torch" and torch.compiler.is_compiling():
         backend = "torch_fused"  # fused chunks, compiled once, instead of eager ones in compiled code
     outputs = FORWARD[backend](logits, target, weight, z_scale, *params_args(params), with_stats)

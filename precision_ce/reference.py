@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import LossParams
+from .config import LossParams, RewardConfig
 
 
 def log_tiny(dtype: torch.dtype) -> float:
@@ -70,12 +70,27 @@ class RowState(NamedTuple):
 
 
 class RowStats(NamedTuple):
-    """Free per-row diagnostics (fp32, shaped like the unreduced loss)."""
+    """Per-row diagnostics (fp32, shaped like the unreduced loss); all 0 for ignored rows.
+
+    The top-k mass needs the head K: it is NaN (not computed) at stats level ``STATS`` when the
+    loss itself has no head, and computed at ``FULL_STATS`` (extra passes over the logits).
+    """
 
     entropy: torch.Tensor  # H = -sum_a pi_a log pi_a
     lse: torch.Tensor  # logsumexp of the (soft-capped) logits
-    target_rank: torch.Tensor  # 1-based rank of the target among the raw logits (0 if ignored)
+    target_rank: torch.Tensor  # 1-based rank of the target among the raw logits
     topk_mass: torch.Tensor  # probability mass of the k largest logits
+
+
+NO_STATS, STATS, FULL_STATS = 0, 1, 2
+"""Stats levels (``with_stats`` of the backends; ``return_stats`` False / True / "full"): none;
+entropy, lse and target rank, which cost nothing beyond the loss's own pass, and the top-k mass
+only where the loss finds the head anyway; all of them."""
+
+
+def finds_head(reward: RewardConfig, vocab: int, with_stats: int) -> bool:
+    """Whether the forward pass finds the top-k head K: the loss needs it or full stats ask for its mass."""
+    return reward.needs_rank(vocab) or with_stats == FULL_STATS
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -300,7 +315,7 @@ def forward(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     params: LossParams,
-    with_stats: bool,
+    with_stats: int,
     fused: bool = False,
 ) -> tuple[torch.Tensor, RowState, RowStats | None]:
     """Loss per row and the state the backward pass needs.
@@ -347,14 +362,13 @@ def forward_rows(
     class_weight: torch.Tensor | None,
     class_weight_sum: torch.Tensor | float,
     params: LossParams,
-    with_stats: bool,
+    with_stats: int,
 ) -> tuple[torch.Tensor, RowState, RowStats | None]:
     """``forward`` for one chunk of rows: x (rows, V) raw logits, target (rows,), class_weight (V,)
     in the compute dtype or None and its sum. Returns the chunk's loss, state and stats."""
     vocab = x.shape[1]
     reward = params.reward
     cdt = compute_dtype(x.dtype)
-    needs_rank = reward.needs_rank(vocab)
     has_negatives = reward.lambda_head != 0.0 or reward.lambda_tail != 0.0
     x = x.to(cdt)
     valid = target != params.ignore_index
@@ -379,7 +393,7 @@ def forward_rows(
         # sum_a pi_a log pi_a = sum_a e^(z_a-m) (z_a-m) / s - log s
         plogp = _xlogy_safe(e, z_shifted).sum(-1) / sum_exp - log_sum_exp
     head = None
-    if needs_rank or with_stats:
+    if finds_head(reward, vocab, with_stats):
         head = head_of(x, y, min(reward.k, vocab), params.softcap, row_max, log_sum_exp)
     smooth_log_p = None
     if params.has_smoothing:
@@ -391,8 +405,9 @@ def forward_rows(
     loss, state = shaped_rows(sums, valid, class_weight_sum, vocab, params)
     stats = None
     if with_stats:
-        stats = RowStats(-plogp.float(), lse.float(), torch.where(valid, target_rank(x, y[:, 0]), 0).float(),
-                         head.mass.float())
+        topk_mass = torch.full_like(lse, math.nan) if head is None else head.mass
+        stats = RowStats(*(torch.where(valid, value, 0).float() for value in
+                           (-plogp, lse, target_rank(x, y[:, 0]), topk_mass)))
     return loss, state, stats
 
 
@@ -407,16 +422,18 @@ def backward(
     *,
     vocab: int | None = None,
     vocab_start: int = 0,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """d(sum_r grad_rows[r] * loss[r]) / d logits, shaped and typed like ``logits``.
 
     ``logits`` may be a vocabulary shard (precision_ce.distributed): columns ``vocab_start`` on of
     a vocabulary of ``vocab`` classes (default: all of them); ``weight`` is then the shard's too.
+    ``in_place``: write the gradient over the logits, chunk by chunk, and return them.
     """
     rows, shard_vocab = logits.shape
     vocab = shard_vocab if vocab is None else vocab
     class_weight = None if weight is None else weight.to(compute_dtype(logits.dtype))
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = logits if in_place else torch.empty_like(logits, memory_format=torch.contiguous_format)
     rows_fn = fused_rows(backward_rows, params, logits.dtype, weight is None) if fused else backward_rows
     for chunk in _row_chunks(rows, shard_vocab, fused):
         chunk_state = RowState(*(field[chunk] for field in state))

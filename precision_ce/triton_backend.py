@@ -18,7 +18,7 @@ from torch.library import wrap_triton
 from .config import LossParams
 from .kernels.cross_entropy import generalised_ce_backward, generalised_ce_forward
 from .kernels.vocab_parallel import PARTIAL_COLUMNS, vocab_shard_partials
-from .reference import RowStats
+from .reference import RowStats, finds_head
 
 FORCED_BLOCK: int | None = None
 """Block size override (tests use small blocks to exercise multi-block rows and ragged tails)."""
@@ -33,24 +33,31 @@ class RowState(NamedTuple):
     scale: torch.Tensor
     smooth: torch.Tensor
     grad_target: torch.Tensor
-    threshold: torch.Tensor  # int64 order-preserving key of the k-th largest raw logit
-    last_tie: torch.Tensor  # int32
+    threshold: torch.Tensor  # int32 order-preserving key of the k-th largest raw logit
+    ties_in_head: torch.Tensor  # int32: of the logits equal to it, the first this many are in K
 
 
-def cuda_launch_config(vocab: int, element_size: int) -> dict[str, int]:
-    """BLOCK and num_warps of both kernels on CUDA, for logits of ``element_size`` bytes."""
+def cuda_launch_config(vocab: int, element_size: int, rank: bool = False) -> dict[str, int]:
+    """BLOCK and num_warps of a kernel on CUDA, for logits of ``element_size`` bytes; ``rank``: the
+    forward with the head's passes (HAS_HEAD) or the backward of a rank mode (HAS_RANK)."""
     # 16 KiB of logits per block keeps loads wide; about 16 elements per thread keeps the block's
-    # live values (x, z, e^z, keys) in registers. Untuned: no GPU has timed these choices yet.
+    # live values (x, z, e^z) in registers. The rank passes hold integer keys, histogram digits and
+    # the tie count beside them: 2048-wide blocks over 8 warps (8 elements per thread, one or two
+    # 16-byte loads) keep every variant at <= 97 registers without spills, where 16 elements per
+    # thread reach the 128 cap and spill (scripts/compile_kernels.py --resources, sm_90).
+    # Untuned: no GPU has timed these choices yet.
+    if rank:
+        return {"BLOCK": min(2048, triton.next_power_of_2(vocab)), "num_warps": 8}
     block = min(16384 // element_size, triton.next_power_of_2(vocab))
     return {"BLOCK": block, "num_warps": min(16, max(4, block // 512))}
 
 
-def _launch_config(vocab: int, logits: torch.Tensor) -> dict[str, int]:
+def _launch_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, int]:
     if FORCED_BLOCK is not None:
         return {"BLOCK": FORCED_BLOCK}
     if not logits.is_cuda:
         return {"BLOCK": min(1024, triton.next_power_of_2(vocab))}
-    return cuda_launch_config(vocab, logits.element_size())
+    return cuda_launch_config(vocab, logits.element_size(), rank)
 
 
 def _key_bits(dtype: torch.dtype) -> int:
@@ -62,24 +69,36 @@ def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 
+def _dense(
+    target: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Targets and class weights as the kernels index them, densely (a strided view such as
+    ``labels[:, ::2]`` is copied: N or V numbers, not a pass over the logits)."""
+    return target.contiguous(), None if weight is None else weight.contiguous()
+
+
 def forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
     params: LossParams,
-    with_stats: bool,
+    with_stats: int,
 ) -> tuple[torch.Tensor, RowState, RowStats | None]:
-    """logits (rows, V) fp32/bf16/fp16, target (rows,) int64, weight (V,) or None -> fp32 loss (rows,)."""
+    """logits (rows, V) fp32/bf16/fp16, target (rows,) int64, weight (V,) or None -> fp32 loss (rows,).
+
+    with_stats: a stats level of ``reference`` (NO_STATS, STATS or FULL_STATS)."""
     logits = _rows_contiguous(logits)
+    target, weight = _dense(target, weight)
     rows, vocab = logits.shape
     reward = params.reward
     needs_rank = reward.needs_rank(vocab)
+    has_head = finds_head(reward, vocab, with_stats)
     lambda_head = reward.lambda_head if needs_rank else reward.uniform_lambda(vocab)
     lambda_tail = reward.lambda_tail if needs_rank else reward.uniform_lambda(vocab)
     device = logits.device
     new = lambda dtype=torch.float32: torch.empty(rows, dtype=dtype, device=device)  # noqa: E731
     loss = new()
-    state = RowState(*(new() for _ in range(6)), new(torch.int64), new(torch.int32))
+    state = RowState(*(new() for _ in range(6)), new(torch.int32), new(torch.int32))
     stats = RowStats(new(), new(), new(), new()) if with_stats else None
     weight_arg = weight if weight is not None else loss  # unread when HAS_WEIGHT is False
     # A device tensor, not a Python float: no host sync.
@@ -94,14 +113,14 @@ def forward(
             KEY_BITS=_key_bits(logits.dtype),
             SHAPED=reward.beta != 0.0,
             FOCAL=reward.positive_reward == "focal",
-            HAS_HEAD=needs_rank or with_stats,
-            HAS_STATS=with_stats,
+            HAS_HEAD=has_head,
+            HAS_STATS=bool(with_stats),
             HAS_NEGATIVES=lambda_head != 0.0 or lambda_tail != 0.0,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(vocab, logits),
+            **_launch_config(vocab, logits, rank=has_head),
         )
     if stats is not None:
         stats = stats._replace(lse=state.row_max + state.log_sum_exp)
@@ -118,19 +137,23 @@ def backward(
     *,
     vocab: int | None = None,
     vocab_start: int = 0,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """d(sum_r grad_rows[r] * loss[r]) / d logits: (rows, V) in the logits' dtype.
 
     ``logits`` may be a vocabulary shard (precision_ce.distributed): columns ``vocab_start`` on of
     a vocabulary of ``vocab`` classes (default: all of them); ``weight`` is then the shard's too.
+    ``in_place``: write the gradient over the logits (each block is read before it is written) and
+    return them; logits whose class dimension is strided are copied first, and the copy is written.
     """
     logits = _rows_contiguous(logits)
+    target, weight = _dense(target, weight)
     rows, shard_vocab = logits.shape
     vocab = shard_vocab if vocab is None else vocab
     reward = params.reward
     needs_rank = reward.needs_rank(vocab)
     lambda_tail = reward.lambda_tail if needs_rank else reward.uniform_lambda(vocab)
-    grad = torch.empty_like(logits)
+    grad = logits if in_place else torch.empty_like(logits)
     grad_rows = grad_rows.float()
     if rows > 0:
         wrap_triton(generalised_ce_backward)[(rows,)](
@@ -142,7 +165,7 @@ def backward(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(shard_vocab, logits),
+            **_launch_config(shard_vocab, logits, rank=needs_rank),
         )
     return grad
 
@@ -151,7 +174,7 @@ class ShardPartials(NamedTuple):
     """What ``vocab_shard_partials`` writes for a vocabulary shard, shaped (rows, ...)."""
 
     partial: torch.Tensor  # (rows, PARTIAL_COLUMNS) fp32: m_r and sums relative to it (kernels/vocab_parallel.py)
-    threshold: torch.Tensor  # int64 order-preserving key of the global threshold (head rows; else 0)
+    threshold: torch.Tensor  # int32 order-preserving key of the global threshold (head rows; else 0)
     last_tie: torch.Tensor  # int32, this shard's last tie in K, a local index (head rows; else 0)
 
 
@@ -175,10 +198,11 @@ def shard_partials(
     tie_budget (rows,) int, how many of this shard's logits equal to it are in K: given for a head.
     """
     logits = _rows_contiguous(logits)
+    target, weight = _dense(target, weight)
     rows, shard_vocab = logits.shape
     device = logits.device
     partial = torch.empty(rows, PARTIAL_COLUMNS.value, dtype=torch.float32, device=device)
-    key = torch.zeros(rows, dtype=torch.int64, device=device)
+    key = torch.zeros(rows, dtype=torch.int32, device=device)
     last_tie = torch.zeros(rows, dtype=torch.int32, device=device)
     unread = partial  # pointer arguments of features that are off
     if rows > 0:
@@ -195,6 +219,6 @@ def shard_partials(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(shard_vocab, logits),
+            **_launch_config(shard_vocab, logits, rank=False),  # <= 128 registers at 16 KiB
         )
     return ShardPartials(partial, key, last_tie)

@@ -38,17 +38,18 @@ INTEGER_ARGS = {"stride_row", "grad_rows_stride", "grad_stride_row", "V", "vocab
 
 def argument_type(name: str, dtype: str) -> str:
     """Triton signature type of a kernel argument, from the names the kernels use."""
-    pointers = {"logits_ptr": dtype, "grad_ptr": dtype, "target_ptr": "i64", "threshold_ptr": "i64",
-                "last_tie_ptr": "i32", "threshold_value_ptr": dtype, "threshold_key_ptr": "i64",
-                "tie_budget_ptr": "i32"}
+    pointers = {"logits_ptr": dtype, "grad_ptr": dtype, "target_ptr": "i64", "threshold_ptr": "i32",
+                "ties_in_head_ptr": "i32", "last_tie_ptr": "i32", "threshold_value_ptr": dtype,
+                "threshold_key_ptr": "i32", "tie_budget_ptr": "i32"}
     if name.endswith("_ptr"):
         return "*" + pointers.get(name, "fp32")
     return "i32" if name in INTEGER_ARGS else "fp32"
 
 
 def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
-    """Compile one variant at the host's CUDA launch config (16 KiB of logits per block)."""
-    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2)  # a 128K vocabulary
+    """Compile one variant at the host's CUDA launch config (``cuda_launch_config``)."""
+    rank = kernel.__name__ != "vocab_shard_partials" and (flags.get("HAS_HEAD") or flags.get("HAS_RANK"))
+    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(rank))  # a 128K vocabulary
     constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
     signature = {name: "constexpr" if name in constexprs else argument_type(name, dtype)
                  for name in kernel.arg_names}
@@ -72,26 +73,28 @@ def ptxas_resources(compiled) -> str:
                      if any(word in line for word in keep))
 
 
-IMPLIED = {"FOCAL": "SHAPED", "HAS_STATS": "HAS_HEAD"}
+IMPLIED = {"FOCAL": "SHAPED"}
 """Flags that only come with another (the host never sets the first without the second)."""
+SHARD_IMPLIED = {"HAS_STATS": "HAS_HEAD"}
+"""The same for the shard kernel (its target rank needs the head exchange's global target logit)."""
 
 
-def flag_sets(flags: tuple[str, ...]) -> dict[str, dict[str, bool]]:
+def flag_sets(flags: tuple[str, ...], implied: dict[str, str] = IMPLIED) -> dict[str, dict[str, bool]]:
     """All off, all on, and each flag alone (with the flag it implies)."""
     sets = {"none": dict.fromkeys(flags, False), "all": dict.fromkeys(flags, True)}
     for flag in flags:
         sets[flag] = dict(sets["none"], **{flag: True})
-        if flag in IMPLIED:
-            sets[flag][IMPLIED[flag]] = True
+        if flag in implied:
+            sets[flag][implied[flag]] = True
     return sets
 
 
 def variants():
     """(label, kernel, dtype, flags): all off / all on per dtype, each feature alone in bf16."""
-    kernels = ((generalised_ce_forward, FORWARD_FLAGS), (generalised_ce_backward, BACKWARD_FLAGS),
-               (vocab_shard_partials, SHARD_FLAGS))
-    for kernel, flags in kernels:
-        sets = flag_sets(flags)
+    kernels = ((generalised_ce_forward, FORWARD_FLAGS, IMPLIED), (generalised_ce_backward, BACKWARD_FLAGS, IMPLIED),
+               (vocab_shard_partials, SHARD_FLAGS, SHARD_IMPLIED))
+    for kernel, flags, implied in kernels:
+        sets = flag_sets(flags, implied)
         for dtype in ("fp32", "bf16", "fp16"):
             for name in ("none", "all"):
                 yield f"{kernel.__name__} {dtype} {name}", kernel, dtype, sets[name]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, steps in order of importance, each under its own timeout:
 #   first (about two minutes): correctness at the production shape (scripts/production_check.py:
-#     every mode at 16384 x 128256 bf16, misaligned targets, ignored rows, against the torch backend
+#     every mode at 16384 x 128256 bf16, misaligned targets, ignored rows, return_stats="full" and
+#     inplace_backward=True (its gradient must land in the logits' buffer), against the torch backend
 #     and F.cross_entropy) and the headline benchmark (cross-entropy and tail_penalty against
 #     F.cross_entropy, torch.compile of it and Liger at 16384 x 128256 bf16; the fused linear path at
 #     D 4096 against F.linear + F.cross_entropy and the peers' fused losses); a summary;

@@ -98,7 +98,8 @@ def _recorded_launches(launches: list[Launch], phase: list[str]):
     saved_interpret = os.environ.get("TRITON_INTERPRET")
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, phase[0]))
+        # By name: a launch from inside an autograd.Function (inplace_backward) passes all positionally.
+        launches.append(Launch(self, (), {**dict(zip(self.arg_names, args, strict=False)), **kwargs}, phase[0]))
 
     JITFunction.run = record
     # api._backend admits CPU tensors only under the interpreter; nothing runs here anyway.
@@ -334,13 +335,12 @@ def kernel_summary(launch: Launch, dtype: str, vocab: int) -> tuple[str, dict[st
     flags = "".join(f" {name}" for name, value in launch.kwargs.items() if value is True)
     # V and the row stride: 16-byte aligned rows (128-bit loads) only when V is a multiple of 16.
     name = f"{launch.kernel.__name__} {dtype}{flags}" + ("" if vocab % 16 == 0 else " V%16!=0")
-    config = (launch.kwargs["BLOCK"], launch.kwargs.get("num_warps"), launch.kwargs.get("num_stages"))
-    key = (name, config)
+    compiled, attrs = compile_launch(launch)  # cached: the launch configuration as compiled (defaults filled in)
+    key = (name, (launch.kwargs["BLOCK"], compiled.metadata.num_warps, compiled.metadata.num_stages))
     if key in _SUMMARIES:
         return _SUMMARIES[key]
     if any(known == name for known, _ in _SUMMARIES):  # the same variant at another BLOCK (a small V)
-        name += f" BLOCK={config[0]}"
-    compiled, attrs = compile_launch(launch)
+        name += f" BLOCK={launch.kwargs['BLOCK']}"
     sass = _cubin_tool("nvdisasm", compiled, "-c")
     summary = dict(resources(compiled), num_warps=compiled.metadata.num_warps,
                    num_stages=compiled.metadata.num_stages, BLOCK=launch.kwargs["BLOCK"],

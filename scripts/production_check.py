@@ -5,7 +5,8 @@ plain cross-entropy, ``F.cross_entropy``. The first step of scripts/gpu_check.sh
 Inputs as training makes them: logits of a realistic scale, a third of the rows ignored, and
 targets sliced as ``labels[:, 1:]`` (an int64 pointer off 16-byte alignment). Per mode: the per-row
 loss and the gradient of their sum, run twice (bitwise equal: deterministic), finite, exactly zero
-on ignored rows, and within tolerance of the reference:
+on ignored rows, and within tolerance of the reference; with ``inplace_backward`` the gradient must
+lie in the logits' own buffer:
 
     python scripts/production_check.py --out production_check.json          # CUDA
     TRITON_INTERPRET=1 python scripts/production_check.py --device cpu --tokens 6 --vocab 1000   # dry run
@@ -66,6 +67,8 @@ def loss_and_grad(logits: torch.Tensor, target: torch.Tensor, backend: str,
         out = precision_ce.cross_entropy(x, target, reduction="none", backend=backend, **kwargs)
         loss = out[0] if isinstance(out, tuple) else out
     (grad,) = torch.autograd.grad(loss.sum(), x)
+    if in_place and backend == "triton" and grad.data_ptr() != x.data_ptr():
+        raise AssertionError("inplace_backward=True returned a gradient outside the logits' buffer")
     return loss.detach().float(), grad
 
 

@@ -24,12 +24,13 @@ pytestmark = pytest.mark.usefixtures("small_blocks")
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
-def run(backend: str, logits: torch.Tensor, target: torch.Tensor, device: str = "cpu", **options):
+def run(backend: str, logits: torch.Tensor, target: torch.Tensor, device: str = "cpu", return_stats="full",
+        **options):
     """Per-row loss (fp32), gradient (logits' dtype) and stats of one backend."""
     options = {name: value.to(device) if isinstance(value, torch.Tensor) else value
                for name, value in options.items()}
     x = logits.to(device).requires_grad_()
-    loss, stats = cross_entropy(x, target.to(device), reduction="none", return_stats=True,
+    loss, stats = cross_entropy(x, target.to(device), reduction="none", return_stats=return_stats,
                                 backend=backend, **options)
     (grad,) = torch.autograd.grad(loss.float().sum(), x)
     return loss.detach().float().cpu(), grad.cpu(), [s.cpu() for s in stats]
@@ -38,14 +39,19 @@ def run(backend: str, logits: torch.Tensor, target: torch.Tensor, device: str = 
 def assert_matches_torch_backend(logits: torch.Tensor, target: torch.Tensor, device: str, **options) -> None:
     got_loss, got_grad, got_stats = run("triton", logits, target, device, **options)
     want_loss, want_grad, want_stats = run("torch", logits, target, **options)
-    dtype = logits.dtype
+    assert_same_results((got_loss, got_grad, got_stats), (want_loss, want_grad, want_stats), logits.dtype)
+
+
+def assert_same_results(got, want, dtype: torch.dtype) -> None:
+    """``run``'s results of the kernels (got) and of the torch backend (want)."""
+    (got_loss, got_grad, got_stats), (want_loss, want_grad, want_stats) = got, want
     assert got_grad.dtype == dtype
     loss_rtol = 1e-5 if dtype == torch.float32 else 2**-7  # the loss is returned in the logits' dtype
     torch.testing.assert_close(got_loss, want_loss, rtol=loss_rtol, atol=1e-6)
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=GRAD_RTOL[dtype], atol=1e-6)
     names = ("entropy", "lse", "target_rank", "topk_mass")
     for name, got, want in zip(names, got_stats, want_stats, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"stat {name}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True, msg=f"stat {name}")
 
 
 # Every option alone, then in combination.
@@ -302,3 +308,60 @@ def test_z_loss_weighted_mean_matches_torch_backend(device: str, softcap: float 
     (got_loss, got_grad), (want_loss, want_grad) = results
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def _passes(logits: torch.Tensor, target: torch.Tensor, **options):
+    """Passes over the logits of the kernels' forward and backward (the interpreter's loads and stores)."""
+    from precision_ce.bench.traffic import measure_passes
+
+    x = logits.requires_grad_()
+
+    def forward() -> torch.Tensor:
+        out = cross_entropy(x, target, reduction="sum", backend="triton", **options)
+        return out[0] if isinstance(out, tuple) else out
+
+    return measure_passes(forward, lambda loss: loss.backward(), x)
+
+
+needs_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's loads and stores")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("option", ["cross_entropy", "tail_penalty", "all"])
+def test_ignored_rows_read_nothing(option: str) -> None:
+    """An ignored row's forward reads none of its logits; its backward writes zeros without reading."""
+    logits = random_logits(4, 70, seed=14).to(torch.bfloat16)
+    options = with_weight(OPTIONS[option], 70, torch.float32)
+    traffic = _passes(logits, torch.full((4,), -100), **options)
+    assert traffic.forward_read == 0 and traffic.backward_read == 0 and traffic.forward_write == 0
+    assert traffic.backward_write == 1.0
+    half = _passes(logits, torch.tensor([-100, 3, -100, 60]), **options)
+    assert half.forward_read <= 0.5 * (3 if option == "cross_entropy" else 5) and half.backward_read == 0.5
+
+
+@needs_interpreter
+@pytest.mark.parametrize("option", ["cross_entropy", "power_beta", "smoothing"])
+def test_stats_cost_no_pass_without_a_head(option: str) -> None:
+    """return_stats=True reads the logits once in the forward where the loss has no head; "full" adds
+    the head's passes for the top-k mass."""
+    logits = random_logits(3, 70, seed=15).float()
+    target = random_targets(3, 70, seed=15)
+    options = OPTIONS[option]
+    one_pass = 1.0 + 1 / 70  # and the target's logit, read before the pass for its rank
+    assert _passes(logits, target, return_stats=True, **options).forward_read == pytest.approx(one_pass)
+    assert _passes(logits, target, return_stats="full", k=5, **options).forward_read > 1.0
+
+
+@pytest.mark.parametrize("option", ["cross_entropy", "power_beta", "tail_penalty", "all"])
+def test_stats_without_the_top_k_mass_match_torch_backend(option: str, device: str) -> None:
+    """return_stats=True: both backends give the same stats, the top-k mass NaN without a head."""
+    logits = random_logits(6, 40, seed=16).to(torch.bfloat16)
+    target = random_targets(6, 40, seed=16, ignore_every=3)
+    options = with_weight(OPTIONS[option], 40, torch.float32)
+    got = run("triton", logits, target, device, return_stats=True, **options)
+    want = run("torch", logits, target, return_stats=True, **options)
+    assert_same_results(got, want, logits.dtype)
+    topk_mass, valid = got[2][3], target != -100
+    assert torch.all(topk_mass[~valid] == 0) and torch.all(got[2][2][~valid] == 0)
+    has_head = option in ("tail_penalty", "all")
+    assert torch.isnan(topk_mass[valid]).all() != has_head

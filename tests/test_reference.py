@@ -192,16 +192,27 @@ def test_target_weight_closed_forms_and_limits() -> None:
 def test_stats_match_direct_computation() -> None:
     logits = random_logits(8, 25, seed=9, integer=True)
     target = random_targets(8, 25, seed=9, ignore_every=5)
-    _, stats = cross_entropy(logits, target, reduction="none", k=4, return_stats=True, backend="torch")
+    _, stats = cross_entropy(logits, target, reduction="none", k=4, return_stats="full", backend="torch")
     p = torch.softmax(logits, -1)
-    torch.testing.assert_close(stats.entropy, -(p * p.log()).sum(-1).float())
-    torch.testing.assert_close(stats.lse, torch.logsumexp(logits, -1).float())
+    valid = target != -100  # every stat is 0 on ignored rows
+    on_valid = lambda values: torch.where(valid, values, 0.0).float()  # noqa: E731
+    torch.testing.assert_close(stats.entropy, on_valid(-(p * p.log()).sum(-1)))
+    torch.testing.assert_close(stats.lse, on_valid(torch.logsumexp(logits, -1)))
     order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
     position = torch.argsort(order, dim=-1)  # 0-based rank of every token in the stable order
-    valid = target != -100
     want_rank = torch.where(valid, position.gather(1, target.clamp(min=0)[:, None])[:, 0] + 1, 0)
     assert torch.equal(stats.target_rank, want_rank.float())
-    torch.testing.assert_close(stats.topk_mass, p.gather(1, order[:, :4]).sum(-1).float())
+    torch.testing.assert_close(stats.topk_mass, on_valid(p.gather(1, order[:, :4]).sum(-1)))
+    # return_stats=True: the same, but the top-k mass only where the loss has a head.
+    _, cheap = cross_entropy(logits, target, reduction="none", k=4, return_stats=True, backend="torch")
+    for got, want in zip(cheap[:3], stats[:3], strict=True):
+        assert torch.equal(got, want)
+    assert torch.isnan(cheap.topk_mass[valid]).all() and torch.all(cheap.topk_mass[~valid] == 0)
+    _, ranked = cross_entropy(logits, target, reduction="none", k=4, lambda_tail=-0.1, return_stats=True,
+                              backend="torch")
+    torch.testing.assert_close(ranked.topk_mass, stats.topk_mass)
+    with pytest.raises(ValueError, match="return_stats"):
+        cross_entropy(logits, target, return_stats="entropy", backend="torch")
 
 
 def test_module_mirrors_cross_entropy_loss() -> None:

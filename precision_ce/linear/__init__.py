@@ -24,7 +24,7 @@ weights. Neither pass synchronises with the host on CUDA (no data-dependent Pyth
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -42,6 +42,7 @@ from ..api import (
     _result,
     _reward_config,
     result_dtype,
+    stats_level,
 )
 from ..config import LossParams, RewardConfig
 from ..dtensor import check_plain_layer
@@ -181,7 +182,7 @@ def linear_cross_entropy(
     config: RewardConfig | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    return_stats: bool = False,
+    return_stats: bool | Literal["full"] = False,
     backend: Backend = "auto",
     check_targets: bool | None = None,
     **removed: Any,
@@ -250,7 +251,8 @@ def linear_cross_entropy(
             chosen = "torch_ce_inplace"  # the loss and its gradient in the chunk's own buffer
         if reduction == "mean":
             denominator, z_scale = _mean_denominator(rows_target, weight, params, vocab)
-    plan = Plan(params, chosen, reduction, chunk_rows, matmul_dtype, return_stats, acc_dtype, allow_retain_graph)
+    plan = Plan(params, chosen, reduction, chunk_rows, matmul_dtype, stats_level(return_stats), acc_dtype,
+                allow_retain_graph)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and input.requires_grad, grad_on and linear_weight.requires_grad,
              grad_on and linear_bias is not None and linear_bias.requires_grad)

@@ -55,7 +55,7 @@ class _TorchCrossEntropy:
 
     @staticmethod
     def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
-                with_stats: bool) -> tuple[torch.Tensor, tuple[()], None]:
+                with_stats: int) -> tuple[torch.Tensor, tuple[()], None]:
         loss = _torch_cross_entropy(logits, target, weight, ignore_index=params.ignore_index, reduction="none",
                                     label_smoothing=params.label_smoothing)
         return loss, (), None
@@ -129,7 +129,7 @@ class _InPlaceCrossEntropy:
 
     @classmethod
     def forward(cls, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, params: LossParams,
-                with_stats: bool) -> tuple[torch.Tensor, tuple[()], None]:
+                with_stats: int) -> tuple[torch.Tensor, tuple[()], None]:
         return cls.loss_and_gradient(logits, target, weight, params, None)[0], (), None
 
     @classmethod
@@ -165,7 +165,7 @@ class Plan:
     reduction: str
     chunk_rows: int
     matmul_dtype: torch.dtype  # the logits' dtype: the input's, or autocast's
-    with_stats: bool
+    with_stats: int
     acc_dtype: torch.dtype  # the weight and bias gradients' accumulators: fp32 (fp64), or 16-bit
     allow_retain_graph: bool = False  # "mean"/"sum": backward copies the stored gradients, not scales them
 

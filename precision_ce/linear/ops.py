@@ -41,7 +41,7 @@ def linear_reduced(
     class_weight: torch.Tensor | None, denominator: torch.Tensor | None, z_scale: torch.Tensor | None,
     needs: list[bool], backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
     acc_dtype: torch.dtype, beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: int,
 ) -> tuple[(torch.Tensor,) * (4 + STATS_FIELDS)]:  # type: ignore[valid-type]
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
                              lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
@@ -67,7 +67,7 @@ def linear_rows(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     class_weight: torch.Tensor | None, backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype,
     acc_dtype: torch.dtype, beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None, with_stats: int,
 ) -> LossOutputs:
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
                              lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)
@@ -90,7 +90,7 @@ def linear_rows_backward(
     target: torch.Tensor, class_weight: torch.Tensor | None, state: list[torch.Tensor], needs: list[bool],
     backend: str, reduction: str, chunk_rows: int, matmul_dtype: torch.dtype, acc_dtype: torch.dtype,
     beta: float, k: int, lambda_head: float, lambda_tail: float, positive_reward: str, ignore_index: int,
-    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: bool,
+    label_smoothing: float, z_loss: float, softcap: float | None, with_stats: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     plan = Plan.from_op_args(backend, reduction, chunk_rows, matmul_dtype, acc_dtype, beta, k, lambda_head,
                              lambda_tail, positive_reward, ignore_index, label_smoothing, z_loss, softcap, with_stats)

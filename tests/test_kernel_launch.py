@@ -1,0 +1,85 @@
+"""The kernels at the launch configuration a GPU will run, on LLM vocabularies.
+
+``test_kernel`` runs 16-wide blocks so that short rows span many blocks; here the host's CUDA
+choice (``triton_backend.cuda_launch_config``: 16 KiB of logits per block, 8 KiB in the rank passes)
+runs on a few rows of V = 128256 (Llama 3) and 50257 (GPT-2), whose last block is ragged, in every
+mode and both dtype families, with the inputs a training loop really passes: targets shifted by one
+(``labels[:, 1:]``, an int64 pointer 8 bytes off a 16-byte boundary), strided targets and logits,
+ignored rows. Under the interpreter on a CPU machine; compiled on a CUDA one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_targets
+from test_kernel import assert_matches_torch_backend
+
+from precision_ce import triton_backend
+
+MODES = {
+    "cross_entropy": {},
+    "precision": dict(beta=-0.25),
+    "focal": dict(beta=0.5, positive_reward="focal"),
+    "tail_penalty": dict(k=100, lambda_tail=-0.1),
+    "head_reward": dict(k=100, lambda_head=0.1),
+    "all": dict(beta=-0.25, k=50, lambda_head=0.2, lambda_tail=-0.1, label_smoothing=0.1, z_loss=1e-4,
+                softcap=30.0),
+}
+FAST = {("cross_entropy", torch.bfloat16), ("tail_penalty", torch.bfloat16), ("all", torch.bfloat16),
+        ("precision", torch.float32), ("head_reward", torch.float32), ("all", torch.float32)}
+"""The cases of the default suite at V = 128256; the rest are marked slow."""
+
+
+@pytest.fixture(autouse=True)
+def production_launch(monkeypatch):
+    """Launch with the CUDA configuration on any device (the interpreter ignores num_warps)."""
+    monkeypatch.setattr(triton_backend, "_launch_config", lambda vocab, logits, rank: (
+        triton_backend.cuda_launch_config(vocab, logits.element_size(), rank)))
+
+
+def llm_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Logits shaped like a language model's: a few confident tokens over a wide Gaussian tail."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=generator) * 2.0
+    x[:, torch.randint(0, vocab, (8,), generator=generator)] += 8.0
+    return x.to(dtype)
+
+
+def _cases():
+    for vocab in (128256, 50257):
+        for mode in MODES:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                fast = vocab == 128256 and (mode, dtype) in FAST
+                marks = () if fast else (pytest.mark.slow,)
+                yield pytest.param(vocab, mode, dtype, marks=marks, id=f"{vocab}-{mode}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize(("vocab", "mode", "dtype"), _cases())
+def test_production_blocks_match_torch_backend(vocab: int, mode: str, dtype: torch.dtype, device: str) -> None:
+    block = triton_backend.cuda_launch_config(vocab, dtype.itemsize, rank=True)["BLOCK"]
+    assert block >= 2048 and vocab % block != 0  # many wide blocks, the last one ragged
+    logits = llm_logits(3, vocab, dtype, seed=vocab % 97)
+    target = random_targets(3, vocab, seed=1)
+    target[1] = -100
+    options = dict(MODES[mode])
+    if mode == "all":
+        options["weight"] = torch.rand(vocab, generator=torch.Generator().manual_seed(2)) + 0.5
+    assert_matches_torch_backend(logits, target, device, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float32, marks=pytest.mark.slow)])
+def test_shifted_and_strided_inputs(dtype: torch.dtype, device: str) -> None:
+    """labels[:, 1:] (a misaligned int64 pointer), strided targets and strided logits rows."""
+    vocab = 128256
+    labels = random_targets(4, vocab, seed=3)  # (T + 1,) labels of one sequence
+    shifted = labels[1:]
+    assert shifted.storage_offset() * shifted.element_size() % 16 == 8
+    padded = llm_logits(3, vocab + 64, dtype, seed=4)
+    strided_rows = padded[:, 64:]  # row stride V + 64, each row 128 bytes off its start
+    options = dict(k=100, lambda_tail=-0.1, beta=-0.25)
+    assert_matches_torch_backend(strided_rows, shifted, device, **options)
+    every_other = random_targets(6, vocab, seed=5)[::2]  # a stride-2 view of int64 targets
+    assert_matches_torch_backend(strided_rows, every_other, device, **options)
+    weight = (torch.rand(2 * vocab, generator=torch.Generator().manual_seed(6)) + 0.5)[::2]
+    assert_matches_torch_backend(strided_rows, every_other, device, weight=weight, label_smoothing=0.1)
