@@ -253,6 +253,17 @@ def test_linear_targets_name_what_missed() -> None:
     assert "| cpu fp32 64x16x512 | 0.95 | 1.2 | 1.19 | 1.37 | no |" in table
 
 
+def test_read_csv_inverts_write_csv(tmp_path) -> None:
+    rows = bench.add_ratios([dict(_row("F.linear_cross_entropy[chunked]", fwd_bwd_ms=10.0, peak_extra_mb=10.0,
+                                       repeats=3, note="a, b"), hidden=8),
+                             dict(_row("linear_cross_entropy", fwd_bwd_ms=8.0, peak_extra_mb=2.5), hidden=8,
+                                  preset="cross_entropy")])
+    bench.write_csv(rows, tmp_path / "results.csv")
+    back = bench.read_csv(tmp_path / "results.csv")
+    assert [{key: row.get(key) for key in bench.CSV_COLUMNS} for row in rows] == back
+    assert bench.format_table(back) == bench.format_table(rows)
+
+
 def test_compile_failure_is_a_note_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_compile(*args: object, **kwargs: object) -> object:
         raise RuntimeError("inductor exploded\nsecond line")

@@ -58,7 +58,7 @@ from .cases import (
 from .cli import add_arguments, build_cases, run
 from .harness import bench_case
 from .memory import cpu_peak_from_events
-from .report import CSV_COLUMNS, format_linear_targets, format_table, write_csv, write_figures
+from .report import CSV_COLUMNS, format_linear_targets, format_table, read_csv, write_csv, write_figures
 from .stats import (
     LINEAR_TARGETS,
     Summary,
@@ -77,6 +77,6 @@ __all__ = [
     "SamplePlan", "Summary", "Timing", "add_arguments", "add_ratios", "assumed_hbm_bytes", "bench_case",
     "build_candidates", "build_cases", "candidate_label", "cpu_peak_from_events", "format_linear_targets",
     "format_table", "linear_targets", "make_inputs",
-    "parse_linear_shapes", "parse_names", "parse_shapes", "peak_hbm_bandwidth", "ratio_to_baseline", "run",
+    "parse_linear_shapes", "parse_names", "parse_shapes", "peak_hbm_bandwidth", "ratio_to_baseline", "read_csv", "run",
     "summarize", "write_csv", "write_figures",
 ]

@@ -64,6 +64,24 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
             writer.writerow({key: _fmt(row.get(key), 6) for key in CSV_COLUMNS})
 
 
+
+TEXT_COLUMNS = frozenset({"device", "dtype", "candidate", "backend", "preset", "note"})
+INTEGER_COLUMNS = frozenset({"tokens", "hidden", "vocab", "repeats"})
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` as ``write_csv`` wrote them: numbers back to int / float, empty
+    cells to None; for re-rendering a run's tables (``format_table``) or putting runs together."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key, value in row.items():
+            if value == "":
+                row[key] = None
+            elif key not in TEXT_COLUMNS:
+                row[key] = int(value) if key in INTEGER_COLUMNS else float(value)
+    return rows
+
 TABLE_LEGEND = (
     "Times: medians over interleaved repeats (ms); bwd = fwd+bwd minus fwd of the same repeat. "
     "IQR: interquartile range of fwd+bwd over its median. x F.ce: fwd+bwd time over F.cross_entropy's "
