@@ -91,10 +91,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds, DEFAULT_SEEDS)
     errors = _errors(args, settings, presets, seeds)
     if errors:
-        for error in errors:
-            print(f"precision-ce rl: {error}", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return _fail(errors)
+    device = _device(args)
 
     started = time.perf_counter()
     result = run_experiment(presets, seeds, settings, device=device, progress=not args.no_progress)
@@ -107,6 +105,17 @@ def run(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(map(str, written)))
     print(f"total time {time.perf_counter() - started:.1f} s on {device}")
     return 0
+
+
+def _fail(errors: list[str]) -> int:
+    """Print each argument error; the exit status of a bad command line."""
+    for error in errors:
+        print(f"precision-ce rl: {error}", file=sys.stderr)
+    return 2
+
+
+def _device(args: argparse.Namespace) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_seeds(text: str | None, default: tuple[int, ...]) -> list[int] | None:
@@ -129,10 +138,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     if seeds is not None and len(seeds) < 2:
         errors.append("--study needs at least 2 seeds (paired intervals over seeds)")
     if errors:
-        for error in errors:
-            print(f"precision-ce rl: {error}", file=sys.stderr)
-        return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return _fail(errors)
+    device = _device(args)
     started = time.perf_counter()
     result = run_study(seeds, settings, jobs=args.jobs, device=device, out_dir=args.out)
     print(format_study_tables(result))
