@@ -31,7 +31,9 @@ def test_example_runs_with_torchrun_and_matches_one_device(example: str, tmp_pat
         pytest.importorskip("torchtitan")
     if example == "megatron_gpt.py":
         pytest.importorskip("megatron.core")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    # --standalone: a free rendezvous port, so that a torchrun elsewhere on the machine (the default
+    # port 29500) cannot make the two ranks wait for each other forever.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "examples", example)]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
