@@ -16,7 +16,8 @@ import torch
 def float32_loss(logits: torch.Tensor) -> contextlib.AbstractContextManager:
     """A context in which the loss of 16-bit logits (or hidden states) comes back in fp32, as the
     frameworks' own losses return it, without an fp32 copy of the logits: autocast at their dtype
-    (precision_ce computes in fp32 and returns fp32 under autocast, as ``F.cross_entropy``)."""
-    if logits.dtype in (torch.bfloat16, torch.float16):
+    (precision_ce computes in fp32 and returns fp32 under autocast, as ``F.cross_entropy``). Under
+    the caller's own autocast the loss is fp32 already, and that autocast is left as it is."""
+    if logits.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(logits.device.type):
         return torch.autocast(logits.device.type, dtype=logits.dtype)
     return contextlib.nullcontext()

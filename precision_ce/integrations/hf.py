@@ -37,6 +37,7 @@ import precision_ce
 
 from .. import api
 from ..config import RewardConfig
+from . import float32_loss
 
 try:
     import transformers
@@ -135,7 +136,7 @@ class CausalLMLoss:
         input, target = tensors[0], tensors[-1]
         reduction = "mean" if num_items_in_batch is None else "sum"
         with_stats = self.log_stats and torch.is_grad_enabled()
-        with _fp32_result(input.dtype, input.device):
+        with float32_loss(input):
             result = loss_fn(*tensors, ignore_index=ignore_index, reduction=reduction, config=self.config,
                              return_stats=with_stats, **self.loss_kwargs, **extra)
         loss, stats = result if with_stats else (result, None)
@@ -187,16 +188,6 @@ def _targets(labels: torch.Tensor | None, ignore_index: int, shift_labels: torch
             raise ValueError("the causal-LM loss needs labels (batch, seq) or shift_labels")
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return shift_labels.reshape(-1)
-
-
-def _fp32_result(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
-    """``precision_ce.cross_entropy`` computes 16-bit logits in fp32 and returns that fp32 value
-    under autocast (as torch's does), else rounds it to their dtype. Entering autocast for the
-    logits' own dtype returns the unrounded value; nothing inside changes precision (the 16-bit
-    inputs already have the autocast dtype, the arithmetic is fp32 either way)."""
-    if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
