@@ -283,6 +283,16 @@ def _probability_backend(params: LossParams, return_stats: bool, chosen: str) ->
     return "torch_ce"
 
 
+def _module_config(config: RewardConfig | None, reward: dict[str, Any], reduction: str, ignore_index: int | None,
+                   label_smoothing: float, z_loss: float, softcap: float | None) -> RewardConfig:
+    """The loss modules' constructor checks (the call's own, made once up front); returns the reward."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    reward_config = _reward_config(config, **reward)
+    _loss_params(reward_config, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap)
+    return reward_config
+
+
 class PrecisionLinearCrossEntropyLoss(nn.Module):
     """``linear_cross_entropy`` as a module that takes the output layer in ``forward(input,
     linear_weight, target, linear_bias=None)`` (a tied embedding, a model's own ``lm_head``).
@@ -304,14 +314,11 @@ class PrecisionLinearCrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         _reject_removed(type(self).__name__, {name: None for name in reward if name in RENAMED})
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.register_buffer("weight", weight)
         self.loss_kwargs = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                                options=options, config=_reward_config(config, **reward), z_loss=z_loss,
-                                softcap=softcap, backend=backend)
-        _loss_params(self.loss_kwargs["config"], -100 if ignore_index is None else ignore_index, label_smoothing,
-                     z_loss, softcap)
+                                options=options, z_loss=z_loss, softcap=softcap, backend=backend,
+                                config=_module_config(config, reward, reduction, ignore_index, label_smoothing,
+                                                      z_loss, softcap))
 
     def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
                 linear_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -352,12 +359,10 @@ class LinearCrossEntropyLoss(nn.LinearCrossEntropyLoss):
         if out_features:
             raise NotImplementedError(f"out_features={out_features}: K-dimensional outputs are not supported; "
                                       "use torch.nn.LinearCrossEntropyLoss")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        config = _module_config(config, reward, reduction, ignore_index, label_smoothing, z_loss, softcap)
         super().__init__(in_features, num_classes, bias=bias, device=device, dtype=dtype, reduction=reduction,
                          weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, options=options)
-        self.config = _reward_config(config, **reward)
-        _loss_params(self.config, -100 if ignore_index is None else ignore_index, label_smoothing, z_loss, softcap)
+        self.config = config
         self.z_loss, self.softcap, self.backend = z_loss, softcap, backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
