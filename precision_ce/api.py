@@ -196,7 +196,7 @@ def _mean_denominator(
 def _backend_module(name: str, logits: torch.Tensor) -> ModuleType:
     """The backend module that ``_backend`` chooses (``reference`` or ``triton_backend``), for host
     code that runs the backends' forward/backward itself (``distributed``)."""
-    return reference if _backend(name, logits) == "torch" else ops.triton_backend
+    return ops.backend_module(_backend(name, logits))
 
 
 def _backend(name: str, logits: torch.Tensor) -> str:

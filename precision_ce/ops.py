@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -364,6 +365,11 @@ class _InPlaceBackward(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def backend_module(backend: str) -> ModuleType:
+    """The module of a chosen backend ("torch" or "triton"): ``reference`` or ``triton_backend``."""
+    return reference if backend == "torch" else triton_backend
+
+
 def loss_rows(
     backend: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
     z_scale: torch.Tensor | None, params: LossParams, with_stats: int, inplace_backward: bool = False,
@@ -381,8 +387,8 @@ def loss_rows(
                 "inplace_backward=True runs eagerly only (its backward pass writes into a saved input); "
                 "drop it under torch.compile and torch.func transforms"
             )
-        outputs = _InPlaceBackward.apply(logits, target, weight, z_scale,
-                                         reference if backend == "torch" else triton_backend, params, with_stats)
+        outputs = _InPlaceBackward.apply(logits, target, weight, z_scale, backend_module(backend), params,
+                                         with_stats)
         return outputs[0], (RowStats(*outputs[1 + STATE_FIELDS:]) if with_stats else None)
     if backend == "torch" and torch.compiler.is_compiling():
         backend = "torch_fused"  # fused chunks, compiled once, instead of eager ones in compiled code
