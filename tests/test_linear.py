@@ -275,11 +275,46 @@ def test_chunk_size_is_automatic_and_bounded() -> None:
     auto = linear_module.auto_chunk_rows
     assert auto(4096, 32000, 256, 4) == 128  # 4 N D / V rows: 16 MiB of logits, 4x the input's 4 MiB
     assert auto(16384, 128256, 4096, 2) == 2080  # in rows of 16
-    assert auto(16384, 128256, 4096, 2, "cpu") == 8368  # 16-bit on CPU: 16 N D / V
+    assert auto(8192, 128256, 4096, 2, "cpu") == 4176  # 16-bit on CPU: 16 N D / V
     assert auto(1024, 32000, 256, 4, "cpu") == 32
     assert auto(10, 32000, 256, 4) == 10  # never more than N
     assert auto(100000, 10**7, 8, 4) == 16  # at least 16 rows
-    assert auto(4096, 8192, 256, 8) == 512  # fp64: the rows of fp32
+    # At most the fp32 weight gradient's 4 V D bytes: D rows of fp32 logits, 2 D of 16-bit, D / 2 of fp64
+    assert auto(16384, 32000, 256, 4) == 256
+    assert auto(16384, 128256, 4096, 2, "cpu") == 8192
+    assert auto(4096, 8192, 256, 8) == 128
+
+
+def test_large_rank_aware_calls_on_cpu_take_fused_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="auto" on the CPU: from FUSED_MIN_LOGITS logits up, presets other than plain
+    cross-entropy run Inductor-fused chunks; below it, with backend="torch", or at plain
+    cross-entropy, the eager ones. (The fused backend is replaced by a recording eager one here:
+    its numbers are tests/test_compile.py's.)"""
+    from precision_ce.linear import chunks as chunk_module
+
+    used = []
+
+    class RecordingFused:
+        RowState = reference.RowState
+        backward = staticmethod(reference.backward)
+
+        @staticmethod
+        def forward(*args, **kwargs):
+            used.append(True)
+            return reference.forward(*args, **kwargs)
+
+    monkeypatch.setitem(chunk_module.CHUNK_BACKENDS, "torch_fused", RecordingFused)
+    monkeypatch.setattr(linear_module, "FUSED_MIN_LOGITS", 12 * 20)
+    x, w, b = layer(12, 8, 20, seed=21)
+    target = random_targets(12, 20, seed=21)
+    for rows, backend, name, fused in [(12, "auto", "tail_penalty", True), (11, "auto", "tail_penalty", False),
+                                       (12, "torch", "tail_penalty", False), (12, "auto", "cross_entropy", False)]:
+        used.clear()
+        loss = linear_cross_entropy(x[:rows], w, target[:rows], linear_bias=b, options=chunks(5), backend=backend,
+                                    config=PRESETS[name])
+        assert bool(used) == fused, (rows, backend, name)
+        want = cross_entropy(F.linear(x[:rows], w, b), target[:rows], config=PRESETS[name], backend="torch")
+        torch.testing.assert_close(loss, want)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -347,6 +382,39 @@ def test_memory_stays_far_below_the_logits() -> None:
     # 8-row chunks of 128 KiB: the torch backend's dozen chunk-sized temporaries on top of the returned
     # gradients, about 1/8 of the logits; one (N, V) tensor alone would break the bound.
     assert fused_peak - returned < 0.2 * logits_bytes, (fused_peak, logits_bytes)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunk_gradient_overwrites_the_chunks_logits(monkeypatch: pytest.MonkeyPatch, device: str, backend: str,
+                                                      reduction: str) -> None:
+    """Each chunk's gradient goes into the buffer of that chunk's logits (no second (chunk, V)
+    buffer), in the forward pass ("mean") and in the backward's recomputation ("none"), and the
+    result is the unfused loss's."""
+    module = precision_ce.triton_backend if backend == "triton" else reference
+    where = device if backend == "triton" else "cpu"
+    calls = []
+    backward = module.backward
+
+    def recording_backward(logits, *args, **kwargs):
+        grad = backward(logits, *args, **kwargs)
+        calls.append(grad.data_ptr() == logits.data_ptr())
+        return grad
+
+    monkeypatch.setattr(module, "backward", recording_backward)
+    x, w, b = (t.detach().to(where).requires_grad_() for t in layer(10, 8, 40, dtype=torch.float32, seed=19))
+    target = random_targets(10, 40, seed=19, ignore_every=3).to(where)
+    options = dict(k=5, lambda_tail=-0.1, reduction=reduction)
+    loss = linear_cross_entropy(x, w, target, linear_bias=b, options=chunks(4), backend=backend, **options)
+    grads = torch.autograd.grad(loss.sum(), (x, w, b))
+    assert calls == [True] * 3  # 3 chunks of 4, 4, 2 rows
+    monkeypatch.setattr(module, "backward", backward)
+    want_loss = cross_entropy(F.linear(x, w, b), target, backend=backend, **options)
+    want = torch.autograd.grad(want_loss.sum(), (x, w, b))
+    torch.testing.assert_close(loss, want_loss)
+    for g, h in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, h)
 
 
 # ------------------------------------------------------------------ Triton path (interpreter on CPU)

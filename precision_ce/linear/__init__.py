@@ -48,7 +48,7 @@ from ..config import LossParams, RewardConfig
 from ..dtensor import check_plain_layer
 from ..ops import under_torch_func
 from ..reference import RowStats
-from .chunks import LinearCrossEntropy, Plan, auto_chunk_rows
+from .chunks import FUSED_MIN_LOGITS, LinearCrossEntropy, Plan, auto_chunk_rows
 from .ops import compiled_outputs
 
 __all__ = ["LinearCrossEntropyLoss", "PrecisionLinearCrossEntropyLoss", "auto_chunk_rows",
@@ -249,6 +249,8 @@ def linear_cross_entropy(
         rows_target = rows_target.long()
         if chosen == "torch" and params.is_plain_cross_entropy and not return_stats:
             chosen = "torch_ce_inplace"  # the loss and its gradient in the chunk's own buffer
+        elif chosen == "torch" and backend == "auto" and rows * vocab >= FUSED_MIN_LOGITS:
+            chosen = "torch_fused"  # each chunk's arithmetic compiled once by Inductor (FUSED_MIN_LOGITS)
         if reduction == "mean":
             denominator, z_scale = _mean_denominator(rows_target, weight, params, vocab)
     plan = Plan(params, chosen, reduction, chunk_rows, matmul_dtype, stats_level(return_stats), acc_dtype,

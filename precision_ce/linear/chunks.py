@@ -28,20 +28,36 @@ about nine chunk-sized buffers: near the time of large chunks at less than torch
 CPU_16_BIT_CHUNK_ROWS_PER_INPUT_ROW = 16.0
 """The same for 16-bit logits on CPU: each bf16 GEMM call costs far more there (measured: 64-row
 chunks 1.66x torch's time, 512-row ones 0.58x), so chunks are 4x longer."""
+FUSED_MIN_LOGITS = 1 << 27
+"""From this many logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than plain
+cross-entropy through ``"torch_fused"`` (each chunk's arithmetic compiled once by Inductor, as in a
+torch.compile'd graph) instead of the eager torch backend. Measured (tail_penalty, a 512 x 32000 fp32
+chunk, one thread): eager 480 ms, fused 104 ms, the in-place cross-entropy 23 ms, the chunk's three
+GEMMs ~300 ms; the first call compiles for ~20 s (cold Inductor cache), which the per-call saving at
+this size (~3 s at 4096 x 32000) pays back within a few training steps. Below it, eager."""
 MIN_CHUNK_ROWS = 16
 """... and at least this many rows (a tensor-core tile), when N allows."""
+ACCUMULATOR_BYTES_PER_WEIGHT = 4
+"""... and at most as many rows as keep the chunk's logits within the fp32 weight-gradient
+accumulator's 4 V D bytes (D rows of fp32 logits, 2 D of 16-bit ones): past a few hundred rows a
+longer chunk buys no time (measured at 16384 x 256 x 32000, fp32, one thread, fwd+bwd: 128, 256
+and 512 rows take 10.1, 9.6 and 10.1 s, torch's chunked path 10.1 s) but costs memory (512 rows:
+1.16x torch's peak, 256 rows: 0.83x), so the extra memory stays below 2 V D + N D elements + a
+chunk's temporaries however large N grows."""
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int, device_type: str = "cuda") -> int:
     """Rows per chunk: ``CHUNK_ROWS_PER_INPUT_ROW`` N D / V (``CPU_16_BIT_...`` for 16-bit logits on
-    CPU), at least ``MIN_CHUNK_ROWS``, at most N; a multiple of 16 (tensor-core tiles) when more than 16.
+    CPU), at most 4 D / element_size (``ACCUMULATOR_BYTES_PER_WEIGHT``), at least ``MIN_CHUNK_ROWS``,
+    at most N; a multiple of 16 (tensor-core tiles) when more than 16.
 
-    The extra memory then grows like the input's (N D), not like the logits' (N V): for V = 32000
-    and D = 256 a chunk holds ~1/31 of the rows.
+    The extra memory then grows like the input's (N D), not like the logits' (N V), and never past
+    the weight gradient's: for V = 32000 and D = 256 a chunk holds ~1/31 of the rows, at most 256.
     """
     factor = CPU_16_BIT_CHUNK_ROWS_PER_INPUT_ROW if device_type == "cpu" and element_size == 2 \
         else CHUNK_ROWS_PER_INPUT_ROW
     chunk = int(factor * rows * hidden // max(vocab, 1))
+    chunk = min(chunk, ACCUMULATOR_BYTES_PER_WEIGHT * hidden // element_size)
     chunk = max(MIN_CHUNK_ROWS, chunk - chunk % 16)
     return max(1, min(rows, chunk))
 
@@ -155,6 +171,12 @@ CHUNK_BACKENDS: dict[str, Any] = {
 ``backward`` / ``RowState``, or with ``loss_and_gradient`` (the chunk's loss and gradient at once,
 in the chunk's own buffer). The linear ops take the key."""
 
+IN_PLACE_BACKWARD = frozenset({"torch", "triton"})
+"""Chunk backends whose ``backward`` writes the gradient over the logits (``in_place=True``). The
+chunk loop owns each chunk's logits and reads them no more after the gradient, so their buffer
+takes it: no second (chunk, V) buffer, and no traffic beyond the backward's one read and one write
+of the chunk (``Plan.chunk_gradient``)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -172,6 +194,12 @@ class Plan:
     @property
     def chunk_backend(self) -> Any:
         return CHUNK_BACKENDS[self.backend]
+
+    def chunk_gradient(self, logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
+                       state: Any, factor: torch.Tensor) -> torch.Tensor:
+        """factor[:, None] * dloss/dlogits (chunk, V) of a chunk's logits, which it may overwrite."""
+        in_place = {"in_place": True} if self.backend in IN_PLACE_BACKWARD else {}
+        return self.chunk_backend.backward(logits, target, class_weight, self.params, state, factor, **in_place)
 
     def chunks(self, rows: int) -> list[slice]:
         # At least one (empty) chunk: zero rows still give empty losses, state and stats of the right dtypes.
@@ -303,7 +331,7 @@ def forward_chunks(
             if row_stats is not None:
                 stats.append(row_stats)
             if folded:
-                g = backend.backward(logits, t, class_weight, plan.params, state, factor.expand(len(t)))
+                g = plan.chunk_gradient(logits, t, class_weight, state, factor.expand(len(t)))
                 del logits
                 _chunk_gradients(g, x, w, grads, chunk)
                 del g
@@ -328,7 +356,7 @@ def backward_chunks(
             x, t = x_all[chunk], target[chunk]
             logits = F.linear(x, w, b)
             chunk_state = backend.RowState(*(field[chunk] for field in state))
-            g = backend.backward(logits, t, class_weight, plan.params, chunk_state, grad_rows[chunk])
+            g = plan.chunk_gradient(logits, t, class_weight, chunk_state, grad_rows[chunk])
             del logits
             _chunk_gradients(g, x, w, grads, chunk)
             del g
