@@ -69,6 +69,33 @@ def test_cross_entropy_reads_once_forward_and_reads_and_writes_once_backward(dty
     assert 0 < traffic.forward_other_write_bytes <= 3 * 64  # per-row loss and state only
 
 
+@pytest.mark.parametrize("dtype, mode, reads", [
+    (torch.bfloat16, {}, 2.0), (torch.float32, {}, 2.0),  # cross-entropy: 1 + 1
+    (torch.bfloat16, {"k": 5, "lambda_tail": -0.1}, 3.0), (torch.float32, {"k": 5, "lambda_tail": -0.1}, 4.0),
+])
+def test_fused_linear_chunks_are_read_by_both_kernels_and_written_once_in_the_forward(dtype, mode, reads):
+    # docs/linear.md: with a scalar upstream gradient ("mean"), each chunk's logits are read by the
+    # forward kernel (once; a rank mode's head passes: 2 for 16-bit, 3 for fp32), then read and
+    # overwritten with their gradient by the backward kernel, all in the forward pass; the backward
+    # pass only scales the small gradients.
+    from precision_ce import linear_cross_entropy
+
+    rows, hidden, vocab, chunk = 12, 8, 301, 4  # three chunks; (chunk, V) buffers count as logits
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=generator).to(dtype).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=generator).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (rows,), generator=generator)
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk)
+    traffic = measure_passes(
+        lambda: linear_cross_entropy(x, w, target, options=options, backend="triton", **mode),
+        lambda loss: loss.backward(),
+        torch.empty(rows, vocab, dtype=dtype), unit_numel=chunk * vocab,
+    )
+    assert traffic.forward_read == pytest.approx(reads, abs=1e-2)  # + the target's logit per row
+    assert traffic.forward_write == 1.0
+    assert traffic.backward_read == traffic.backward_write == 0.0
+
+
 def test_format_table_has_one_line_per_case():
     row = dict(mode="cross_entropy", dtype="bf16", vocab=7, forward_read=1.0, forward_write=0.0,
                backward_read=1.0, backward_write=1.0, total=3.0)

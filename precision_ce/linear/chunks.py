@@ -28,13 +28,6 @@ about nine chunk-sized buffers: near the time of large chunks at less than torch
 CPU_16_BIT_CHUNK_ROWS_PER_INPUT_ROW = 16.0
 """The same for 16-bit logits on CPU: each bf16 GEMM call costs far more there (measured: 64-row
 chunks 1.66x torch's time, 512-row ones 0.58x), so chunks are 4x longer."""
-FUSED_MIN_LOGITS = 1 << 27
-"""From this many logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than plain
-cross-entropy through ``"torch_fused"`` (each chunk's arithmetic compiled once by Inductor, as in a
-torch.compile'd graph) instead of the eager torch backend. Measured (tail_penalty, a 512 x 32000 fp32
-chunk, one thread): eager 480 ms, fused 104 ms, the in-place cross-entropy 23 ms, the chunk's three
-GEMMs ~300 ms; the first call compiles for ~20 s (cold Inductor cache), which the per-call saving at
-this size (~3 s at 4096 x 32000) pays back within a few training steps. Below it, eager."""
 MIN_CHUNK_ROWS = 16
 """... and at least this many rows (a tensor-core tile), when N allows."""
 ACCUMULATOR_BYTES_PER_WEIGHT = 4
@@ -42,8 +35,17 @@ ACCUMULATOR_BYTES_PER_WEIGHT = 4
 accumulator's 4 V D bytes (D rows of fp32 logits, 2 D of 16-bit ones): past a few hundred rows a
 longer chunk buys no time (measured at 16384 x 256 x 32000, fp32, one thread, fwd+bwd: 128, 256
 and 512 rows take 10.1, 9.6 and 10.1 s, torch's chunked path 10.1 s) but costs memory (512 rows:
-1.16x torch's peak, 256 rows: 0.83x), so the extra memory stays below 2 V D + N D elements + a
+1.16x torch's peak, benchmarks/results/cpu_linear_torch/fp32_large), so the extra memory stays below 2 V D + N D elements + a
 chunk's temporaries however large N grows."""
+
+FUSED_MIN_LOGITS = 1 << 25
+"""From this many logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than plain
+cross-entropy through ``"torch_fused"`` (each chunk's arithmetic compiled once by Inductor, as in a
+torch.compile'd graph) instead of the eager torch backend. Measured (tail_penalty, a 512 x 32000 fp32
+chunk, fwd + bwd of the loss, one thread): eager 480 ms, fused 104 ms, the in-place cross-entropy
+23 ms, the chunk's three GEMMs 297 ms. So fused saves ~23 ns per logit, ~0.8 s per call at this
+size; its first call in a process compiles, 21 s with a cold Inductor cache and 5 s with a warm
+one, paid back within ~25 (~7) calls. Below it, eager."""
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int, device_type: str = "cuda") -> int:
