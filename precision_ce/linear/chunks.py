@@ -35,8 +35,8 @@ ACCUMULATOR_BYTES_PER_WEIGHT = 4
 accumulator's 4 V D bytes (D rows of fp32 logits, 2 D of 16-bit ones): past a few hundred rows a
 longer chunk buys no time (measured at 16384 x 256 x 32000, fp32, one thread, fwd+bwd: 128, 256
 and 512 rows take 10.1, 9.6 and 10.1 s, torch's chunked path 10.1 s) but costs memory (512 rows:
-1.16x torch's peak, benchmarks/results/cpu_linear_torch/fp32_large), so the extra memory stays below 2 V D + N D elements + a
-chunk's temporaries however large N grows."""
+1.16x torch's peak, benchmarks/results/cpu_linear_torch/fp32_large), so the extra memory stays
+below 2 V D + N D elements + a chunk's temporaries however large N grows."""
 
 FUSED_MIN_LOGITS = 1 << 25
 """From this many logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than plain
