@@ -30,6 +30,22 @@ import triton.language as tl
 LN2 = tl.constexpr(0.6931471805599453)
 LOG_TINY = tl.constexpr(-103.27892990343185)  # log(2**-149), fp32's smallest subnormal
 LOG_WEIGHT_MAX = tl.constexpr(80.0)  # cap of log w_y (focal reward, beta < 0, pi_y -> 1)
+LOG2E = tl.constexpr(1.4426950408889634)
+# Compiled kernels take e^x from one ex2.approx.ftz (MUFU.EX2 after a multiply); tl.exp's
+# ex2.approx without .ftz adds a compare and two multiplies per element to keep subnormal results
+# (< 2**-126, ~1e-38). Flushed here: such a term changes no sum of the row (its max term is 1) and
+# no gradient beyond the flush. The interpreter runs no PTX: it takes tl.exp.
+PTX_EXP = tl.constexpr(not triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _exp(x):
+    """e^x (fp32) for the per-element exponentials; subnormal results flushed to 0 when compiled."""
+    if PTX_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * LOG2E], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
 
 
 @triton.jit
@@ -149,19 +165,28 @@ def _target_weight(log_pi_y, log1m_pi_y, beta, SHAPED: tl.constexpr, FOCAL: tl.c
 @triton.jit
 def _online_pass(
     row_ptr, weight_ptr, V, target, x_target, softcap,
-    BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr, LANE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_STATS: tl.constexpr, HAS_PLOGP: tl.constexpr,
     HAS_HEAD: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
 ):
     """Pass A. Returns m, s, s without the target, sum e^(z-m)(z-m), sum c (z-m), the target's rank,
     and with HAS_HEAD the first radix step of the head: the histogram of the keys' top digit and
-    the number of logits equal to the target's before it (its place among ties)."""
-    m = float("-inf")
-    sum_exp = 0.0
-    sum_exp_others = 0.0
-    sum_exp_shifted = 0.0  # sum e^(z-m) (z-m); rescaled like sum_exp when m grows
-    sum_c_shifted = 0.0  # sum c (z-m); shifted by the change of m times the classes seen
-    c_seen = 0.0
+    the number of logits equal to the target's before it (its place among ties).
+
+    Per lane: the block is viewed as BLOCK // LANE lanes of LANE contiguous elements, and each lane
+    keeps its own running max and sums, rescaled by its own max; the lanes are combined once, after
+    the loop. With LANE = the elements of one thread's 16-byte load (the host's choice for aligned
+    rows, where loads are vectorised) a lane lives in one thread, and the loop has no block
+    reduction for them (warp shuffles, shared memory, barriers): one rescaling exponential per
+    lane per block instead. LANE = BLOCK is one lane, a block reduction per block (the host's
+    choice where a lane would straddle threads)."""
+    LANES: tl.constexpr = BLOCK // LANE
+    m = tl.full((LANES,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((LANES,), tl.float32)
+    sum_exp_others = tl.zeros((LANES,), tl.float32)
+    sum_exp_shifted = tl.zeros((LANES,), tl.float32)  # sum e^(z-m) (z-m); rescaled like sum_exp when m grows
+    sum_c_shifted = tl.zeros((LANES,), tl.float32)  # sum c (z-m); shifted by the change of m times the classes seen
+    c_seen = tl.zeros((LANES,), tl.float32)
     ranked_above = 0
     ties_before_target = 0
     histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
@@ -170,28 +195,32 @@ def _online_pass(
         in_row = cols < V
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
         x = x_raw.to(tl.float32)
-        z = _softcap(x, softcap, HAS_SOFTCAP)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # Guards for blocks (and rows) that are all -inf: never -inf - (-inf). On the scalars only:
-        # while the row's max is -inf every z is -inf, and -inf - 0 stays -inf (e = 0).
+        lane_cols = tl.reshape(cols, (LANES, LANE))
+        z = tl.reshape(_softcap(x, softcap, HAS_SOFTCAP), (LANES, LANE))
+        m_new = tl.maximum(m, tl.max(z, 1))
+        # Guards for lanes that are all -inf so far (a ragged tail, -inf logits): never -inf - (-inf).
+        # On the lanes' scalars only: while a lane's max is -inf its z are -inf, and -inf - 0 stays
+        # -inf (e = 0).
         shift = tl.where(m == float("-inf"), 0.0, m - m_new)
-        alpha = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
-        z_shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.exp(z_shifted)
+        alpha = tl.where(m == float("-inf"), 0.0, _exp(shift))
+        z_shifted = z - tl.where(m_new == float("-inf"), 0.0, m_new)[:, None]
+        e = _exp(z_shifted)
         if HAS_PLOGP:
             sum_exp_shifted = alpha * (sum_exp_shifted + shift * sum_exp) + tl.sum(
-                tl.where(e > 0.0, e * z_shifted, 0.0), 0
+                tl.where(e > 0.0, e * z_shifted, 0.0), 1
             )
-        sum_exp = alpha * sum_exp + tl.sum(e, 0)
-        sum_exp_others = alpha * sum_exp_others + tl.sum(tl.where(cols == target, 0.0, e), 0)
+        sum_exp = alpha * sum_exp + tl.sum(e, 1)
+        sum_exp_others = alpha * sum_exp_others + tl.sum(tl.where(lane_cols == target, 0.0, e), 1)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 c = tl.load(weight_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
             else:
                 c = tl.where(in_row, 1.0, 0.0)
-            sum_c_shifted += shift * c_seen + tl.sum(tl.where(c == 0.0, 0.0, c * z_shifted), 0)
-            c_seen += tl.sum(c, 0)
-        # Equal floats are equal keys: the float compare places the target among its ties.
+            c = tl.reshape(c, (LANES, LANE))
+            sum_c_shifted += shift * c_seen + tl.sum(tl.where(c == 0.0, 0.0, c * z_shifted), 1)
+            c_seen += tl.sum(c, 1)
+        # Equal floats are equal keys: the float compare places the target among its ties. Block
+        # reductions (integer counts need no rescaling; per-lane counters would cost registers).
         if HAS_STATS and HAS_HEAD:
             # Both counts from one block reduction: each is at most BLOCK < 2**16, ties in the high half.
             tl.static_assert(BLOCK < 65536)
@@ -209,8 +238,15 @@ def _online_pass(
             histogram += tl.histogram(_digit(key, KEY_BITS - DIGIT_BITS, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS,
                                       mask=in_row)
         m = m_new
+    # The lanes, each rescaled to the row max (lanes that saw only -inf hold zero sums).
+    row_max = tl.max(m, 0)
+    shift = tl.where(m == float("-inf"), 0.0, m - row_max)
+    factor = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
+    total_shifted = tl.sum(factor * (sum_exp_shifted + shift * sum_exp), 0)
+    total_c_shifted = tl.sum(sum_c_shifted + shift * c_seen, 0)
     rank = 1 + ranked_above + ties_before_target
-    return m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, histogram, ties_before_target
+    return (row_max, tl.sum(factor * sum_exp, 0), tl.sum(factor * sum_exp_others, 0), total_shifted,
+            total_c_shifted, rank, histogram, ties_before_target)
 
 
 @triton.jit
@@ -267,7 +303,7 @@ def _head(
         key_bucket = key >> LAST_PREFIX_SHIFT
         histogram += tl.histogram(_digit(key, 0, KEY_BITS, DIGIT_BITS), BINS, mask=in_row & (key_bucket == bucket))
         log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-        p = tl.exp(log_p)
+        p = _exp(log_p)
         above = in_row & (key_bucket > bucket) & (cols != target) & (p > 0.0)
         mass_above += tl.sum(tl.where(above, p, 0.0), 0)
         plogp_above += tl.sum(tl.where(above, p * log_p, 0.0), 0)
@@ -281,7 +317,7 @@ def _head(
     chosen = prefix & (BINS - 1)
     value = _float_of_key(_signed((prefix & ~(BINS - 1)) | bins, KEY_BITS), row_ptr.dtype.element_ty, KEY_BITS)
     log_p = (_softcap(value, softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-    p = tl.exp(log_p)
+    p = _exp(log_p)
     count = tl.where(bins > chosen, histogram, 0) + tl.where(bins == chosen, ties_in_head, 0)
     # The target's own entry, when it is in K and in this bucket, is not a wrong token.
     target_bin = _digit(key_target, 0, KEY_BITS, DIGIT_BITS)
@@ -320,7 +356,7 @@ def generalised_ce_forward(
     entropy_ptr, rank_ptr, topk_mass_ptr,
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, SHAPED: tl.constexpr, FOCAL: tl.constexpr,
+    BLOCK: tl.constexpr, LANE: tl.constexpr, KEY_BITS: tl.constexpr, SHAPED: tl.constexpr, FOCAL: tl.constexpr,
     HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr, HAS_NEGATIVES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -360,7 +396,7 @@ def generalised_ce_forward(
     m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, top_histogram, ties_before_target = (
         _online_pass(
             row_ptr, weight_ptr, V, target, x_target_raw.to(tl.float32), softcap,
-            BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
+            BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
             HAS_HEAD, KEY_BITS, DIGIT_BITS,
         )
     )
@@ -481,7 +517,7 @@ def generalised_ce_backward(
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
         x = x_raw.to(tl.float32)
         z = _softcap(x, softcap, HAS_SOFTCAP)
-        p = tl.where(z == float("-inf"), 0.0, tl.exp((z - row_max) - log_sum_exp))
+        p = tl.where(z == float("-inf"), 0.0, _exp((z - row_max) - log_sum_exp))
         if HAS_RANK:
             key = _sortable_key(x_raw, KEY_BITS)
             head = key > threshold  # -inf padding never is: the threshold is a key of the row

@@ -31,7 +31,7 @@ PARTIAL_COLUMNS = tl.constexpr(6)
 def vocab_shard_partials(
     logits_ptr, stride_row, target_ptr, weight_ptr, x_target_ptr, threshold_value_ptr, tie_budget_ptr,
     partial_ptr, threshold_key_ptr, last_tie_ptr, V, vocab_start, softcap,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr,
+    BLOCK: tl.constexpr, LANE: tl.constexpr, KEY_BITS: tl.constexpr, HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr,
     HAS_PLOGP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Row partials of the shard, (rows, PARTIAL_COLUMNS) fp32; with a head, the threshold's
@@ -51,7 +51,7 @@ def vocab_shard_partials(
         x_target = tl.load(x_target_ptr + row)
     m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, _, _ = _online_pass(
         row_ptr, weight_ptr, V, target_column, x_target, softcap,
-        BLOCK, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP, False, KEY_BITS, 8,
+        BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP, False, KEY_BITS, 8,
     )
     out = partial_ptr + row * PARTIAL_COLUMNS
     tl.store(out, m)

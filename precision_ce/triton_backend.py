@@ -60,6 +60,19 @@ def _launch_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, in
     return cuda_launch_config(vocab, logits.element_size(), rank)
 
 
+def lane_width(logits: torch.Tensor, block: int, rank: bool) -> int:
+    """LANE of the online pass (kernels/cross_entropy.py, ``_online_pass``): the elements of one
+    16-byte load where rows are 16-byte aligned (Triton specialises a pointer and integers
+    divisible by 16, and then vectorises the loads, so a lane stays in one thread), else BLOCK (one
+    lane: a block reduction per block). fp32 rank forwards take BLOCK too: their lanes cost 16
+    registers and a resident program per SM (scripts/kernel_report.py: 96 against 80 registers)."""
+    vector = 16 // logits.element_size()
+    aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.shape[1] % 16 == 0
+    if not aligned or (rank and logits.element_size() == 4) or vector > block:
+        return block
+    return vector
+
+
 def _key_bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16
 
@@ -104,6 +117,7 @@ def forward(
     # A device tensor, not a Python float: no host sync.
     class_weight_sum = loss if weight is None else weight.float().sum().reshape(1)
     if rows > 0:
+        config = _launch_config(vocab, logits, rank=has_head)
         stats_args = stats if stats is not None else (loss,) * 4
         wrap_triton(generalised_ce_forward)[(rows,)](
             logits, logits.stride(0), target, weight_arg,
@@ -120,7 +134,8 @@ def forward(
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(vocab, logits, rank=has_head),
+            LANE=lane_width(logits, config["BLOCK"], has_head),
+            **config,
         )
     if stats is not None:
         stats = stats._replace(lse=state.row_max + state.log_sum_exp)
@@ -206,6 +221,7 @@ def shard_partials(
     last_tie = torch.zeros(rows, dtype=torch.int32, device=device)
     unread = partial  # pointer arguments of features that are off
     if rows > 0:
+        config = _launch_config(shard_vocab, logits, rank=False)  # <= 128 registers at 16 KiB
         vocab_shard_partials[(rows,)](
             logits, logits.stride(0), target, unread if weight is None else weight,
             unread if x_target is None else x_target.float().contiguous(),
@@ -219,6 +235,7 @@ def shard_partials(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            **_launch_config(shard_vocab, logits, rank=False),  # <= 128 registers at 16 KiB
+            LANE=lane_width(logits, config["BLOCK"], rank=False),
+            **config,
         )
     return ShardPartials(partial, key, last_tie)

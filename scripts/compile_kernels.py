@@ -51,6 +51,11 @@ def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
     rank = kernel.__name__ != "vocab_shard_partials" and (flags.get("HAS_HEAD") or flags.get("HAS_RANK"))
     launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(rank))  # a 128K vocabulary
     constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
+    if "LANE" in kernel.arg_names:
+        # Compiled here without the runtime's alignment attributes, that is for unaligned rows,
+        # where the host takes one lane (triton_backend.lane_width; kernel_report.py compiles the
+        # aligned variants with their 16-byte lanes).
+        constexprs["LANE"] = launch["BLOCK"]
     signature = {name: "constexpr" if name in constexprs else argument_type(name, dtype)
                  for name in kernel.arg_names}
     compiled = compile_kernel(ASTSource(kernel, signature, constexprs=constexprs), target=HOPPER,
