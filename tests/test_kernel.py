@@ -136,6 +136,28 @@ def test_minus_inf_logits_and_whole_minus_inf_blocks(softcap: float | None, devi
     assert_matches_torch_backend(logits, target, device, **options)
 
 
+@pytest.mark.parametrize("lane", [1, 2, 8, 16])  # 16 = BLOCK: one lane, a block reduction per block
+@pytest.mark.parametrize("option", ["cross_entropy", "all", "stats_smoothing"])
+def test_every_lane_width_of_the_online_pass_agrees(monkeypatch, lane: int, option: str, device: str) -> None:
+    """The online pass's per-lane maxima and sums (``_online_pass``, LANE) combine to the row's, with
+    lanes that start, stay or end at -inf, a ragged tail and the target inside any lane; the host
+    picks 16-byte lanes on aligned rows and one lane elsewhere (``triton_backend.lane_width``)."""
+    from precision_ce import triton_backend
+
+    monkeypatch.setattr(triton_backend, "lane_width", lambda logits, block, rank: lane)
+    logits = random_logits(6, 75, seed=40).float()
+    logits[0, 16:48] = -math.inf  # whole blocks
+    logits[1, :5] = -math.inf  # the first lanes of the row
+    logits[2, 70:] = -math.inf  # the ragged tail
+    logits[3, 33] = 40.0  # the max in a late lane: earlier lanes rescale
+    target = torch.tensor([50, 9, 17, 33, -100, 74])
+    options = {"cross_entropy": {}, "stats_smoothing": dict(label_smoothing=0.1, weight=torch.rand(75) + 0.5),
+               "all": dict(beta=-0.25, k=4, lambda_head=0.2, lambda_tail=-0.1, z_loss=1e-3, softcap=8.0,
+                           label_smoothing=0.05)}[option]
+    for dtype in (torch.float32, torch.bfloat16):
+        assert_matches_torch_backend(logits.to(dtype), target, device, **options)
+
+
 def test_confident_bf16_target_gradient_is_exact(device: str) -> None:
     """pi_y >= 0.9999: the target's gradient -(1 - pi_y) w_y keeps full bf16 precision."""
     logits = random_logits(4, 40, seed=5).to(torch.bfloat16)

@@ -83,3 +83,16 @@ def test_shifted_and_strided_inputs(dtype: torch.dtype, device: str) -> None:
     assert_matches_torch_backend(strided_rows, every_other, device, **options)
     weight = (torch.rand(2 * vocab, generator=torch.Generator().manual_seed(6)) + 0.5)[::2]
     assert_matches_torch_backend(strided_rows, every_other, device, weight=weight, label_smoothing=0.1)
+
+
+def test_lane_width_follows_the_rows_alignment() -> None:
+    """16-byte lanes where Triton vectorises the loads (pointer, row stride and V divisible by 16),
+    one lane (LANE = BLOCK) elsewhere and in the fp32 head pass (kernels/cross_entropy.py, _online_pass)."""
+    lane = triton_backend.lane_width
+    bf16, fp32 = torch.empty(2, 128256, dtype=torch.bfloat16), torch.empty(2, 128256)
+    assert lane(bf16, 8192, rank=False) == lane(bf16, 2048, rank=True) == 8
+    assert lane(fp32, 4096, rank=False) == 4
+    assert lane(fp32, 2048, rank=True) == 2048
+    assert lane(torch.empty(2, 50257, dtype=torch.bfloat16), 8192, rank=False) == 8192  # V % 16 != 0
+    assert lane(torch.empty(2, 128257)[:, 1:], 4096, rank=False) == 4096  # rows 4 bytes off 16
+    assert lane(torch.empty(2, 16, dtype=torch.bfloat16), 4, rank=False) == 4  # never past BLOCK
