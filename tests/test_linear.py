@@ -286,10 +286,10 @@ def test_chunk_size_is_automatic_and_bounded() -> None:
 
 
 def test_large_rank_aware_calls_on_cpu_take_fused_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """backend="auto" on the CPU: from FUSED_MIN_LOGITS logits up, presets other than plain
-    cross-entropy run Inductor-fused chunks; below it, with backend="torch", or at plain
-    cross-entropy, the eager ones. (The fused backend is replaced by a recording eager one here:
-    its numbers are tests/test_compile.py's.)"""
+    """backend="auto" on the CPU: from FUSED_MIN_LOGITS fp32 logits up, presets other than plain
+    cross-entropy run Inductor-fused chunks; below it, with backend="torch", at plain
+    cross-entropy, or for 16-bit and fp64 logits, the eager ones. (The fused backend is replaced by
+    a recording eager one here: its numbers are tests/test_compile.py's.)"""
     from precision_ce.linear import chunks as chunk_module
 
     used = []
@@ -305,16 +305,19 @@ def test_large_rank_aware_calls_on_cpu_take_fused_chunks(monkeypatch: pytest.Mon
 
     monkeypatch.setitem(chunk_module.CHUNK_BACKENDS, "torch_fused", RecordingFused)
     monkeypatch.setattr(linear_module, "FUSED_MIN_LOGITS", 12 * 20)
-    x, w, b = layer(12, 8, 20, seed=21)
     target = random_targets(12, 20, seed=21)
-    for rows, backend, name, fused in [(12, "auto", "tail_penalty", True), (11, "auto", "tail_penalty", False),
-                                       (12, "torch", "tail_penalty", False), (12, "auto", "cross_entropy", False)]:
+    for dtype, rows, backend, name, fused in [
+        (torch.float32, 12, "auto", "tail_penalty", True), (torch.float32, 11, "auto", "tail_penalty", False),
+        (torch.float32, 12, "torch", "tail_penalty", False), (torch.float32, 12, "auto", "cross_entropy", False),
+        (torch.bfloat16, 12, "auto", "tail_penalty", False), (torch.float64, 12, "auto", "tail_penalty", False),
+    ]:
+        x, w, b = layer(12, 8, 20, dtype=dtype, seed=21)
         used.clear()
         loss = linear_cross_entropy(x[:rows], w, target[:rows], linear_bias=b, options=chunks(5), backend=backend,
                                     config=PRESETS[name])
-        assert bool(used) == fused, (rows, backend, name)
+        assert bool(used) == fused, (dtype, rows, backend, name)
         want = cross_entropy(F.linear(x[:rows], w, b), target[:rows], config=PRESETS[name], backend="torch")
-        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(loss, want, **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -249,7 +249,8 @@ def linear_cross_entropy(
         rows_target = rows_target.long()
         if chosen == "torch" and params.is_plain_cross_entropy and not return_stats:
             chosen = "torch_ce_inplace"  # the loss and its gradient in the chunk's own buffer
-        elif chosen == "torch" and backend == "auto" and rows * vocab >= FUSED_MIN_LOGITS:
+        elif (chosen == "torch" and backend == "auto" and matmul_dtype == torch.float32
+              and rows * vocab >= FUSED_MIN_LOGITS):
             chosen = "torch_fused"  # each chunk's arithmetic compiled once by Inductor (FUSED_MIN_LOGITS)
         if reduction == "mean":
             denominator, z_scale = _mean_denominator(rows_target, weight, params, vocab)

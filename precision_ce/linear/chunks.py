@@ -39,13 +39,14 @@ and 512 rows take 10.1, 9.6 and 10.1 s, torch's chunked path 10.1 s) but costs m
 below 2 V D + N D elements + a chunk's temporaries however large N grows."""
 
 FUSED_MIN_LOGITS = 1 << 25
-"""From this many logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than plain
-cross-entropy through ``"torch_fused"`` (each chunk's arithmetic compiled once by Inductor, as in a
-torch.compile'd graph) instead of the eager torch backend. Measured (tail_penalty, a 512 x 32000 fp32
-chunk, fwd + bwd of the loss, one thread): eager 480 ms, fused 104 ms, the in-place cross-entropy
-23 ms, the chunk's three GEMMs 297 ms. So fused saves ~23 ns per logit, ~0.8 s per call at this
-size; its first call in a process compiles, 21 s with a cold Inductor cache and 5 s with a warm
-one, paid back within ~25 (~7) calls. Below it, eager."""
+"""From this many fp32 logits (N V) up, ``backend="auto"`` on the CPU runs the presets other than
+plain cross-entropy through ``"torch_fused"`` (each chunk's arithmetic compiled once by Inductor, as
+in a torch.compile'd graph) instead of the eager torch backend. Measured (tail_penalty, a 512 x 32000
+chunk, fwd + bwd of the loss, one thread): fp32 eager 480 ms, fused 104 ms, the in-place
+cross-entropy 23 ms, the chunk's three GEMMs 297 ms. So fused saves ~23 ns per logit, ~0.8 s per
+call at this size; its first call in a process compiles, 21 s with a cold Inductor cache and 5 s
+with a warm one, paid back within ~25 (~7) calls. Below it, eager. Not for 16-bit logits: Inductor's
+CPU code is slower than eager there (bf16: fused 547 ms, eager 286 ms)."""
 
 
 def auto_chunk_rows(rows: int, vocab: int, hidden: int, element_size: int, device_type: str = "cuda") -> int:
