@@ -1,7 +1,8 @@
 """Triton kernels for the generalised next-token loss: one program per row of logits.
 
 Forward (``generalised_ce_forward``), all in one launch, reading the row
-    A   once, online: max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
+    A   once, online (each lane of a thread's 16-byte load on its own max, combined per row):
+        max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
         without cancellation), sum e^(z-m) (z-m) (-> sum_a pi_a log pi_a, the entropy) and, with
         label smoothing, sum c_a (z_a - m); with stats also the target's rank; with a head also
         the first radix step of the head: the histogram of the top digit of the logits'
