@@ -24,6 +24,7 @@ formulas in PyTorch and docs/design.md for the pass and memory-traffic accountin
 All arithmetic is fp32 whatever the logits' dtype; offsets are int64.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -35,8 +36,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Compiled kernels take e^x from one ex2.approx.ftz (MUFU.EX2 after a multiply); tl.exp's
 # ex2.approx without .ftz adds a compare and two multiplies per element to keep subnormal results
 # (< 2**-126, ~1e-38). Flushed here: such a term changes no sum of the row (its max term is 1) and
-# no gradient beyond the flush. The interpreter runs no PTX: it takes tl.exp.
-PTX_EXP = tl.constexpr(not triton.knobs.runtime.interpret)
+# no gradient beyond the flush. The interpreter and ROCm run no PTX: they take tl.exp.
+PTX_EXP = tl.constexpr(not triton.knobs.runtime.interpret and torch.version.hip is None)
 
 
 @triton.jit
