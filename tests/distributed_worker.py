@@ -323,6 +323,9 @@ def worker(rank: int, world: int, store: str, cases: list[dict[str, Any]], sizes
                 module, function = extra.split(":")
                 results[extra] = getattr(importlib.import_module(module), function)(rank, world)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears its group down: a rank that destroyed the group while
+        # another still had gloo work in flight aborted it once under a loaded machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
