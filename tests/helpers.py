@@ -62,3 +62,16 @@ def random_targets(rows: int, vocab: int, *, seed: int = 0, ignore_every: int = 
     if ignore_every:
         target[::ignore_every] = -100
     return target
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak CPU bytes allocated while ``fn()`` runs, from torch.profiler's allocator events
+    (``precision_ce.bench.cpu_peak_from_events``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from precision_ce.bench import cpu_peak_from_events
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    return cpu_peak_from_events(prof.profiler.kineto_results.events())

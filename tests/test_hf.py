@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import cpu_peak_bytes
 
 import precision_ce
 from precision_ce import PRESETS, hf
@@ -333,14 +334,8 @@ def test_callback_refuses_label_smoothing(tmp_path) -> None:
 
 def training_step_peak_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     """Peak CPU bytes allocated during forward + backward (torch.profiler allocator events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from precision_ce.bench import cpu_peak_from_events
-
     model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(**inputs).loss.backward()
-    return cpu_peak_from_events(prof.profiler.kineto_results.events())
+    return cpu_peak_bytes(lambda: model(**inputs).loss.backward())
 
 
 def test_fused_step_peak_memory_is_under_0_3x_the_models_own() -> None:

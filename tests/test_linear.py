@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_targets, surrogate_loss_fp64
+from helpers import cpu_peak_bytes, random_targets, surrogate_loss_fp64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import precision_ce
 from precision_ce import PRESETS, RewardConfig, cross_entropy, linear_cross_entropy, preset, reference
 from precision_ce import linear as linear_module
-from precision_ce.bench import cpu_peak_from_events
 
 TOLERANCE = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
@@ -354,15 +353,6 @@ def test_bad_arguments_raise_clear_errors(bad: dict, match: str) -> None:
 # ------------------------------------------------------------------ memory
 
 
-def _peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    del result
-    return cpu_peak_from_events(prof.profiler.kineto_results.events())
-
-
 def test_memory_stays_far_below_the_logits() -> None:
     """N x V logits take 8 MiB here; the fused loss must peak near a chunk plus the gradients."""
     rows, hidden, vocab = 512, 32, 4096
@@ -380,7 +370,7 @@ def test_memory_stays_far_below_the_logits() -> None:
         return torch.autograd.grad(loss, (x, w))
 
     fused(), unfused()
-    fused_peak, unfused_peak = _peak_bytes(fused), _peak_bytes(unfused)
+    fused_peak, unfused_peak = cpu_peak_bytes(fused), cpu_peak_bytes(unfused)
     assert unfused_peak > 2 * logits_bytes  # the probe sees the logits and their gradient when they exist
     # 8-row chunks of 128 KiB: the torch backend's dozen chunk-sized temporaries on top of the returned
     # gradients, about 1/8 of the logits; one (N, V) tensor alone would break the bound.

@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_targets
+from helpers import cpu_peak_bytes, random_targets
 
 import precision_ce
 from precision_ce import linear_cross_entropy
-from precision_ce.bench import cpu_peak_from_events
 
 Options = torch.nn.LinearCrossEntropyOptions
 TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
@@ -204,15 +203,6 @@ def test_16_bit_accumulator_options(dtype: torch.dtype) -> None:
     assert all(torch.equal(g, h) for g, h in zip(grads[None], grads[torch.float32], strict=True))
 
 
-def _peak(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    del result
-    return cpu_peak_from_events(prof.profiler.kineto_results.events())
-
-
 def test_weight_gradient_accumulates_without_a_16_bit_product() -> None:
     """bf16 parameters, (V, D) = (4096, 256): the fp32 accumulator (4 V D bytes) and the returned bf16
     gradient (2 V D) are the whole weight-gradient memory; a (V, D) product per chunk (2 V D in bf16,
@@ -231,7 +221,7 @@ def test_weight_gradient_accumulates_without_a_16_bit_product() -> None:
         return torch.autograd.grad(loss, (x, w))
 
     run(None)
-    fp32_peak, bf16_peak = _peak(lambda: run(None)), _peak(lambda: run(torch.bfloat16))
+    fp32_peak, bf16_peak = cpu_peak_bytes(lambda: run(None)), cpu_peak_bytes(lambda: run(torch.bfloat16))
     assert fp32_peak <= 4 * vd + 2 * vd + others, fp32_peak / vd
     assert bf16_peak <= 2 * vd + 2 * vd + others, bf16_peak / vd
     assert fp32_peak - bf16_peak >= 1.9 * vd
