@@ -73,6 +73,12 @@ def lane_width(logits: torch.Tensor, block: int, rank: bool) -> int:
     return vector
 
 
+def _online_pass_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, int]:
+    """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE."""
+    config = _launch_config(vocab, logits, rank)
+    return dict(config, LANE=lane_width(logits, config["BLOCK"], rank))
+
+
 def _key_bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16
 
@@ -117,7 +123,6 @@ def forward(
     # A device tensor, not a Python float: no host sync.
     class_weight_sum = loss if weight is None else weight.float().sum().reshape(1)
     if rows > 0:
-        config = _launch_config(vocab, logits, rank=has_head)
         stats_args = stats if stats is not None else (loss,) * 4
         wrap_triton(generalised_ce_forward)[(rows,)](
             logits, logits.stride(0), target, weight_arg,
@@ -134,8 +139,7 @@ def forward(
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,
             HAS_SOFTCAP=params.has_softcap,
-            LANE=lane_width(logits, config["BLOCK"], has_head),
-            **config,
+            **_online_pass_config(vocab, logits, rank=has_head),
         )
     if stats is not None:
         stats = stats._replace(lse=state.row_max + state.log_sum_exp)
@@ -221,7 +225,6 @@ def shard_partials(
     last_tie = torch.zeros(rows, dtype=torch.int32, device=device)
     unread = partial  # pointer arguments of features that are off
     if rows > 0:
-        config = _launch_config(shard_vocab, logits, rank=False)  # <= 128 registers at 16 KiB
         vocab_shard_partials[(rows,)](
             logits, logits.stride(0), target, unread if weight is None else weight,
             unread if x_target is None else x_target.float().contiguous(),
@@ -235,7 +238,6 @@ def shard_partials(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            LANE=lane_width(logits, config["BLOCK"], rank=False),
-            **config,
+            **_online_pass_config(shard_vocab, logits, rank=False),  # <= 128 registers at 16 KiB
         )
     return ShardPartials(partial, key, last_tie)
