@@ -5,13 +5,16 @@ Forward (``generalised_ce_forward``), all in one launch, reading the row
         max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
         without cancellation), sum e^(z-m) (z-m) (-> sum_a pi_a log pi_a, the entropy) and, with
         label smoothing, sum c_a (z_a - m); with stats also the target's rank; with a head also
-        the first radix step of the head: the histogram of the top digit of the logits'
-        order-preserving int32 keys (8 bits of 16-bit keys, 11 of fp32 keys);
-    R   only with a head (lambda_head != lambda_tail and k < V, or return_stats="full"): the rest
-        of the radix select of the k-th largest raw logit, one histogram pass per digit (16-bit:
-        one pass, fp32: two). The last pass also sums pi and pi log pi over the keys above the
-        threshold's bucket; its histogram counts exact keys, and equal keys are equal logits, so
-        the sums over the rest of K are count x pi per bin: no pass after the select.
+        the slot maxima (the largest logit at each of the block's BLOCK positions), whose k-th
+        largest is a lower bound ("floor") of the k-th largest logit;
+    R   only with a head (lambda_head != lambda_tail and k < V, or return_stats="full"): the
+        groups of a 16-byte load's logits that hold a logit >= the floor, "candidates" (about k
+        of them: the floor is at most a few slot collisions below the k-th largest), compacted in
+        index order into a small per-row buffer; the head K is among them, so the radix select of
+        the k-th largest logit and the sums over K take the candidates alone (a gather, no pass).
+        A row with more than CAP candidate groups (k > CAP / 2, many ties at the floor) takes the
+        radix select over the whole row instead: a histogram pass per digit (16-bit keys: 2,
+        fp32: 3) and a pass for the sums over K.
 and writes the row loss and the per-row state of the backward pass. No gradient is stored. An
 ignored row reads nothing of its logits.
 
@@ -108,21 +111,6 @@ def _float_of_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _choose_digit(histogram, remaining, prefix, shift: tl.constexpr, BINS: tl.constexpr):
-    """One radix step: the digit (at ``shift``) of the key ranked ``remaining``-th from the top
-    among those counted in ``histogram``; returns the prefix with it and the rank left within it.
-
-    Count from the top: the wanted digit is the largest d with >= remaining keys at digits >= d;
-    the keys at larger digits are all in K.
-    """
-    bins = tl.arange(0, BINS)
-    at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
-    chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
-    remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
-    return prefix | (chosen << shift), remaining
-
-
-@triton.jit
 def _unsigned(key, KEY_BITS: tl.constexpr):
     """Key -> its offset in [0, 2**KEY_BITS) (int32 bits; wrapping for 32-bit keys): digit order is key order."""
     if KEY_BITS == 16:
@@ -138,11 +126,6 @@ def _signed(offset, KEY_BITS: tl.constexpr):
         return offset - 32768
     else:
         return offset ^ -2147483648
-
-
-@triton.jit
-def _digit(key, shift: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    return (_unsigned(key, KEY_BITS) >> shift) & ((1 << DIGIT_BITS) - 1)
 
 
 @triton.jit
@@ -169,11 +152,13 @@ def _online_pass(
     row_ptr, weight_ptr, V, target, x_target, softcap,
     BLOCK: tl.constexpr, LANE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_STATS: tl.constexpr, HAS_PLOGP: tl.constexpr,
-    HAS_HEAD: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    HAS_HEAD: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Pass A. Returns m, s, s without the target, sum e^(z-m)(z-m), sum c (z-m), the target's rank,
-    and with HAS_HEAD the first radix step of the head: the histogram of the keys' top digit and
-    the number of logits equal to the target's before it (its place among ties).
+    and with HAS_HEAD the slot maxima: the largest raw logit (as fp32) of each GROUP-wide group of
+    the block, over the row's blocks (BLOCK // GROUP slots holding distinct logits, so the k-th
+    largest slot maximum is a lower bound of the k-th largest logit). A group is one thread's
+    vector on aligned rows: its max stays in the thread, and without softcap it is the lanes' max.
 
     Per lane: the block is viewed as BLOCK // LANE lanes of LANE contiguous elements, and each lane
     keeps its own running max and sums, rescaled by its own max; the lanes are combined once, after
@@ -190,8 +175,7 @@ def _online_pass(
     sum_c_shifted = tl.zeros((LANES,), tl.float32)  # sum c (z-m); shifted by the change of m times the classes seen
     c_seen = tl.zeros((LANES,), tl.float32)
     ranked_above = 0
-    ties_before_target = 0
-    histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
+    slot_max = tl.full((BLOCK // GROUP,), float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -221,24 +205,11 @@ def _online_pass(
             c = tl.reshape(c, (LANES, LANE))
             sum_c_shifted += shift * c_seen + tl.sum(tl.where(c == 0.0, 0.0, c * z_shifted), 1)
             c_seen += tl.sum(c, 1)
-        # Equal floats are equal keys: the float compare places the target among its ties. Block
-        # reductions (integer counts need no rescaling; per-lane counters would cost registers).
-        if HAS_STATS and HAS_HEAD:
-            # Both counts from one block reduction: each is at most BLOCK < 2**16, ties in the high half.
-            tl.static_assert(BLOCK < 65536)
-            tie = (x == x_target) & (cols < target) & in_row
-            packed = tl.sum(((x > x_target) & in_row).to(tl.int32) + (tie.to(tl.int32) << 16), 0)
-            ranked_above += packed & 0xFFFF
-            ties_before_target += packed >> 16
-        elif HAS_STATS:  # the rank only: ties before the target counted with those above it
+        if HAS_STATS:  # the rank: ties before the target counted with those above it
             before = (x > x_target) | ((x == x_target) & (cols < target))
             ranked_above += tl.sum((before & in_row).to(tl.int32), 0)
-        elif HAS_HEAD:
-            ties_before_target += tl.sum(((x == x_target) & (cols < target) & in_row).to(tl.int32), 0)
         if HAS_HEAD:
-            key = _sortable_key(x_raw, KEY_BITS)
-            histogram += tl.histogram(_digit(key, KEY_BITS - DIGIT_BITS, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS,
-                                      mask=in_row)
+            slot_max = tl.maximum(slot_max, tl.max(tl.reshape(x, (BLOCK // GROUP, GROUP)), 1))
         m = m_new
     # The lanes, each rescaled to the row max (lanes that saw only -inf hold zero sums).
     row_max = tl.max(m, 0)
@@ -246,91 +217,174 @@ def _online_pass(
     factor = tl.where(m == float("-inf"), 0.0, tl.exp(shift))
     total_shifted = tl.sum(factor * (sum_exp_shifted + shift * sum_exp), 0)
     total_c_shifted = tl.sum(sum_c_shifted + shift * c_seen, 0)
-    rank = 1 + ranked_above + ties_before_target
     return (row_max, tl.sum(factor * sum_exp, 0), tl.sum(factor * sum_exp_others, 0), total_shifted,
-            total_c_shifted, rank, histogram, ties_before_target)
+            total_c_shifted, 1 + ranked_above, slot_max)
 
 
 @triton.jit
-def _bucket_histogram(
-    row_ptr, V, prefix_key, PREFIX_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-):
-    """A middle radix step (fp32 only): the histogram of the digit at SHIFT of the keys whose bits
-    from PREFIX_SHIFT up are those of ``prefix_key``."""
-    histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
+def _radix_digit(key, selected, prefix, STEP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Radix step STEP (0: the top digit) of a select on ``key``: each key's digit, and which keys
+    take part (those ``selected`` whose higher digits are the ``prefix`` chosen so far)."""
+    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
+    SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (STEP + 1) if STEP < PASSES - 1 else 0
+    offset = _unsigned(key, KEY_BITS)
+    if STEP > 0:
+        ABOVE: tl.constexpr = KEY_BITS - DIGIT_BITS * STEP
+        selected = selected & ((offset >> ABOVE) == (prefix >> ABOVE))
+    return (offset >> SHIFT) & ((1 << DIGIT_BITS) - 1), selected
+
+
+@triton.jit
+def _radix_choose(histogram, remaining, prefix, STEP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Radix step STEP, given the histogram of its digits (``_radix_digit``): the digit of the key
+    ranked ``remaining``-th from the top; returns the prefix with it and the rank left within it.
+
+    Count from the top: the wanted digit is the largest d with >= remaining keys at digits >= d;
+    the keys at larger digits are all in K. After the last step the prefix is the key (an offset,
+    ``_unsigned``) and the rank left is how many keys equal to it are in K.
+    """
+    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
+    SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (STEP + 1) if STEP < PASSES - 1 else 0
+    bins = tl.arange(0, 1 << DIGIT_BITS)
+    at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
+    chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
+    remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
+    return prefix | (chosen << SHIFT), remaining
+
+
+@triton.jit
+def _kth_largest(key, selected, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
+    """Radix select in registers: the k-th largest of the ``selected`` keys (k <= their number),
+    and how many keys equal to it are among the k largest."""
+    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
+    prefix = 0
+    remaining = k
+    for step in tl.static_range(PASSES):
+        digit, taking_part = _radix_digit(key, selected, prefix, step, KEY_BITS, DIGIT_BITS)
+        histogram = tl.histogram(digit, 1 << DIGIT_BITS, mask=taking_part)
+        prefix, remaining = _radix_choose(histogram, remaining, prefix, step, KEY_BITS, DIGIT_BITS)
+    return _signed(prefix, KEY_BITS), remaining
+
+
+@triton.jit
+def _head_floor(slot_max, k):
+    """A lower bound of the k-th largest logit: the k-th largest slot maximum (pass A), rounded
+    down to a 16-bit key (exact for 16-bit logits, the next lower 16-bit key for fp32).
+
+    The slots hold distinct logits, so >= k logits are >= it. -inf when there are fewer than k
+    slots, and where the rounded key is no float (the NaN bits next to -inf): every logit then."""
+    SLOTS: tl.constexpr = slot_max.shape[0]
+    key16 = _sortable_key(slot_max, 32) >> 16  # the top half of an order-preserving key keeps the order
+    key16, _ = _kth_largest(key16, key16 == key16, tl.minimum(k, SLOTS), 16, 8)
+    floor = _float_of_key(key16 << 16, tl.float32, 32)
+    return tl.where((k <= SLOTS) & (floor == floor), floor, float("-inf"))
+
+
+@triton.jit
+def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                        GROUP: tl.constexpr):
+    """Pass R: the groups of GROUP contiguous logits that hold a logit >= ``floor`` (their first
+    columns, in index order) into ``candidates_ptr[:CAP]``; returns how many groups there are (only
+    the first CAP are written when there are more).
+
+    Groups, not logits: candidates are sparse (about k of V), and a group is one thread's vector
+    load on aligned rows, so the compaction scans one flag per thread, not one per logit."""
+    GROUPS: tl.constexpr = BLOCK // GROUP
+    count = 0
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        in_row = cols < V
-        key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=0.0), KEY_BITS)
-        selected = in_row & ((key >> PREFIX_SHIFT) == (prefix_key >> PREFIX_SHIFT))
-        histogram += tl.histogram(_digit(key, SHIFT, KEY_BITS, DIGIT_BITS), 1 << DIGIT_BITS, mask=selected)
-    return histogram
+        x_raw = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
+        group_start = start + tl.arange(0, GROUPS) * GROUP
+        # The group's max in the logits' dtype (exact), one compare per group; a group past the row
+        # (all -inf) must not pass a floor of -inf.
+        hit = (tl.max(tl.reshape(x_raw, (GROUPS, GROUP)), 1).to(tl.float32) >= floor) & (group_start < V)
+        flags = hit.to(tl.int32)
+        slot = count + tl.cumsum(flags, 0) - 1
+        tl.store(candidates_ptr + slot, group_start, mask=hit & (slot < CAP))
+        count += tl.sum(flags, 0)
+    return count
 
 
 @triton.jit
-def _head(
-    row_ptr, V, k, target, x_target_raw, ties_before_target, top_histogram, row_max, log_sum_exp, softcap,
+def _head_terms(x_raw, cols, key, valid, threshold, ties_seen, ties_in_head, target, row_max, log_sum_exp,
+                softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block's share of the sums over K. K: the keys above the threshold and, of those equal to
+    it, the first ``ties_in_head`` in index order (``ties_seen`` of them are in earlier blocks).
+    Returns sum pi and sum pi log pi over K without the target, 1 if the target is in K (else 0),
+    the block's ties, and the column of its last tie in K (-1: none)."""
+    tie = valid & (key == threshold)
+    ties = tie.to(tl.int32)
+    tie_in = tie & (ties_seen + tl.cumsum(ties, 0) <= ties_in_head)
+    in_head = (valid & (key > threshold)) | tie_in
+    log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
+    p = _exp(log_p)
+    own = cols == target
+    counted = in_head & (cols != target) & (p > 0.0)
+    return (tl.sum(tl.where(counted, p, 0.0), 0), tl.sum(tl.where(counted, p * log_p, 0.0), 0),
+            tl.sum((in_head & own).to(tl.int32), 0), tl.sum(ties, 0), tl.max(tl.where(tie_in, cols, -1), 0))
+
+
+@triton.jit
+def _head_of_candidates(
+    row_ptr, V, candidates_ptr, count, k, target, row_max, log_sum_exp, softcap,
+    CAP: tl.constexpr, GROUP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """The head K from pass R's ``count`` <= CAP groups (K is among their logits: the rest of the
+    row is below the floor): the threshold key (the k-th largest logit), the column of the last
+    logit equal to it in K, the mass of K and the sums over K without the target (``_head_terms``). No pass
+    over the row: a gather of CAP x GROUP logits, in index order."""
+    slots = tl.arange(0, CAP)
+    starts = tl.load(candidates_ptr + slots, mask=slots < count, other=V)
+    cols = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (CAP * GROUP,))
+    valid = cols < V
+    x_raw = tl.load(row_ptr + cols, mask=valid, other=0.0)
+    key = _sortable_key(x_raw, KEY_BITS)
+    threshold, ties_in_head = _kth_largest(key, valid, k, KEY_BITS, DIGIT_BITS)
+    mass_others, plogp_others, target_in, _, last_tie = _head_terms(
+        x_raw, cols, key, valid, threshold, 0, ties_in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP)
+    return threshold, last_tie, mass_others, plogp_others, target_in
+
+
+@triton.jit
+def _head_of_row(
+    row_ptr, V, k, target, row_max, log_sum_exp, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """Passes R after pass A's top digit: the head K and its sums, by radix select on the keys.
-
-    The middle digits (fp32: one) take a histogram pass each; the last pass takes the histogram of
-    the last digit within the bucket that holds the k-th key, and sums pi and pi log pi over the
-    keys above that bucket. The last histogram counts exact keys, and equal keys are equal logits
-    with equal pi, so the sums over the rest of K are count x pi per bin: no pass after the select.
-    Returns the threshold key (the k-th largest), how many logits equal to it are in K (the first
-    ones in index order), and over K: the mass, the mass without the target, sum pi log pi without
-    the target.
-    """
-    BINS: tl.constexpr = 1 << DIGIT_BITS
+    """``_head_of_candidates`` for a row whose candidates overflowed (ties at the floor, k > the
+    candidates' room): radix select over the whole row, a histogram pass per digit (16-bit keys:
+    2, fp32: 3), then a pass for the sums over K."""
     PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
-    LAST_PREFIX_SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (PASSES - 1)
-    prefix, remaining = _choose_digit(top_histogram, k, 0, KEY_BITS - DIGIT_BITS, BINS)  # an offset
-    for middle in tl.static_range(1, PASSES - 1):
-        shift: tl.constexpr = KEY_BITS - DIGIT_BITS * (middle + 1)
-        histogram = _bucket_histogram(row_ptr, V, _signed(prefix, KEY_BITS), shift + DIGIT_BITS, shift,
-                                      BLOCK, KEY_BITS, DIGIT_BITS)
-        prefix, remaining = _choose_digit(histogram, remaining, prefix, shift, BINS)
-
-    bucket = _signed(prefix, KEY_BITS) >> LAST_PREFIX_SHIFT
-    histogram = tl.zeros((BINS,), tl.int32)
-    mass_above = 0.0  # over the keys above the bucket, without the target
-    plogp_above = 0.0
+    prefix = 0
+    remaining = k
+    for step in tl.static_range(PASSES):
+        histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            in_row = cols < V
+            key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=0.0), KEY_BITS)
+            digit, taking_part = _radix_digit(key, in_row, prefix, step, KEY_BITS, DIGIT_BITS)
+            histogram += tl.histogram(digit, 1 << DIGIT_BITS, mask=taking_part)
+        prefix, remaining = _radix_choose(histogram, remaining, prefix, step, KEY_BITS, DIGIT_BITS)
+    threshold = _signed(prefix, KEY_BITS)
+    ties_seen = 0
+    mass_others = 0.0
+    plogp_others = 0.0
+    target_in = 0
+    last_tie = -1
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
-        x_raw = tl.load(row_ptr + cols, mask=in_row, other=float("-inf"))
-        key = _sortable_key(x_raw, KEY_BITS)
-        key_bucket = key >> LAST_PREFIX_SHIFT
-        histogram += tl.histogram(_digit(key, 0, KEY_BITS, DIGIT_BITS), BINS, mask=in_row & (key_bucket == bucket))
-        log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-        p = _exp(log_p)
-        above = in_row & (key_bucket > bucket) & (cols != target) & (p > 0.0)
-        mass_above += tl.sum(tl.where(above, p, 0.0), 0)
-        plogp_above += tl.sum(tl.where(above, p * log_p, 0.0), 0)
-    prefix, ties_in_head = _choose_digit(histogram, remaining, prefix, 0, BINS)
-    threshold = _signed(prefix, KEY_BITS)
-
-    key_target = _sortable_key(x_target_raw, KEY_BITS)
-    target_in = (key_target > threshold) | ((key_target == threshold) & (ties_before_target < ties_in_head))
-    # Each bin of the last digit is one logit value: pi from the value, times how many are in K.
-    bins = tl.arange(0, BINS)
-    chosen = prefix & (BINS - 1)
-    value = _float_of_key(_signed((prefix & ~(BINS - 1)) | bins, KEY_BITS), row_ptr.dtype.element_ty, KEY_BITS)
-    log_p = (_softcap(value, softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-    p = _exp(log_p)
-    count = tl.where(bins > chosen, histogram, 0) + tl.where(bins == chosen, ties_in_head, 0)
-    # The target's own entry, when it is in K and in this bucket, is not a wrong token.
-    target_bin = _digit(key_target, 0, KEY_BITS, DIGIT_BITS)
-    own = target_in & ((key_target >> LAST_PREFIX_SHIFT) == bucket) & (bins == target_bin)
-    count -= own.to(tl.int32)
-    counted = (count > 0) & (p > 0.0)
-    mass_others = mass_above + tl.sum(tl.where(counted, count * p, 0.0), 0)
-    plogp_others = plogp_above + tl.sum(tl.where(counted, count * (p * log_p), 0.0), 0)
-    p_target = tl.exp((_softcap(x_target_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp)
-    mass = mass_others + tl.where(target_in, p_target, 0.0)
-    return threshold, ties_in_head, mass, mass_others, plogp_others
+        x_raw = tl.load(row_ptr + cols, mask=in_row, other=0.0)
+        mass, plogp, own, ties, block_last_tie = _head_terms(
+            x_raw, cols, _sortable_key(x_raw, KEY_BITS), in_row, threshold, ties_seen, remaining, target, row_max,
+            log_sum_exp, softcap, HAS_SOFTCAP)
+        mass_others += mass
+        plogp_others += plogp
+        target_in += own
+        ties_seen += ties
+        last_tie = tl.maximum(last_tie, block_last_tie)
+    return threshold, last_tie, mass_others, plogp_others, target_in
 
 
 @triton.jit
@@ -354,13 +408,13 @@ def _last_tie_in_head(row_ptr, V, threshold, ties_wanted, BLOCK: tl.constexpr, K
 def generalised_ce_forward(
     logits_ptr, stride_row, target_ptr, weight_ptr,
     loss_ptr, row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr,
-    threshold_ptr, ties_in_head_ptr,
+    threshold_ptr, last_tie_ptr, candidates_ptr,
     entropy_ptr, rank_ptr, topk_mass_ptr,
     class_weight_sum_ptr, V, ignore_index, k, beta, lambda_head, lambda_tail, label_smoothing,
     z_loss, softcap,
-    BLOCK: tl.constexpr, LANE: tl.constexpr, KEY_BITS: tl.constexpr, SHAPED: tl.constexpr, FOCAL: tl.constexpr,
-    HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr, HAS_NEGATIVES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr, LANE: tl.constexpr, CAP: tl.constexpr, KEY_BITS: tl.constexpr, SHAPED: tl.constexpr,
+    FOCAL: tl.constexpr, HAS_HEAD: tl.constexpr, HAS_STATS: tl.constexpr, HAS_NEGATIVES: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Row loss and backward state. ``lambda_tail`` is the reward of every wrong token when
     HAS_HEAD is False (the host passes the uniform reward there). With HAS_STATS the entropy and
@@ -381,7 +435,7 @@ def generalised_ce_forward(
         tl.store(grad_target_ptr + row, 0.0)
         if HAS_HEAD:
             tl.store(threshold_ptr + row, 0)
-            tl.store(ties_in_head_ptr + row, 0)
+            tl.store(last_tie_ptr + row, 0)
         if HAS_STATS:
             tl.store(entropy_ptr + row, 0.0)
             tl.store(rank_ptr + row, 0.0)
@@ -390,19 +444,16 @@ def generalised_ce_forward(
     in_range = (target >= 0) & (target < V)
     target = tl.where(in_range, target, 0).to(tl.int32)  # never read out of bounds
     x_target_raw = 0.0
-    if HAS_STATS or HAS_HEAD:  # pass A places the target among the logits
+    if HAS_STATS:  # pass A places the target among the logits
         x_target_raw = tl.load(row_ptr + target)
-    # Radix digits: 8 bits (2 passes of the head) for 16-bit keys, 11 (3 passes) for fp32 keys.
-    DIGIT_BITS: tl.constexpr = 8 if KEY_BITS == 16 else 11
-
-    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, top_histogram, ties_before_target = (
-        _online_pass(
-            row_ptr, weight_ptr, V, target, x_target_raw.to(tl.float32), softcap,
-            BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS,
-            HAS_HEAD, KEY_BITS, DIGIT_BITS,
-        )
+    # A group: the logits of one 16-byte load (fewer in a block narrower than that).
+    VECTOR: tl.constexpr = 8 if KEY_BITS == 16 else 4
+    GROUP: tl.constexpr = VECTOR if VECTOR <= BLOCK else BLOCK
+    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, slot_max = _online_pass(
+        row_ptr, weight_ptr, V, target, x_target_raw.to(tl.float32), softcap,
+        BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_NEGATIVES or HAS_STATS, HAS_HEAD, GROUP,
     )
-    if not (HAS_STATS or HAS_HEAD):  # loaded after the pass: not held in a register across it
+    if not HAS_STATS:  # loaded after the pass: not held in a register across it
         x_target_raw = tl.load(row_ptr + target)
     x_target = x_target_raw.to(tl.float32)
     # Everything relative to the row max m: z - m is exact, z - lse would lose ulp(lse).
@@ -419,12 +470,24 @@ def generalised_ce_forward(
     w_y, w_y_times_1m, target_term = _target_weight(log_pi_y, log1m_pi_y, beta, SHAPED, FOCAL)
 
     if HAS_HEAD:
-        threshold, ties_in_head, head_mass, head_mass_others, head_plogp_others = _head(
-            row_ptr, V, k, target, x_target_raw, ties_before_target, top_histogram, m, log_sum_exp, softcap,
-            BLOCK, KEY_BITS, DIGIT_BITS, HAS_SOFTCAP,
-        )
+        # Radix digits of 8 bits: 256-bin histograms (2 steps for 16-bit keys, 4 for fp32).
+        DIGIT_BITS: tl.constexpr = 8
+        floor = _head_floor(slot_max, k)
+        row_candidates_ptr = candidates_ptr + row * CAP
+        count = _collect_candidates(row_ptr, V, floor, row_candidates_ptr, CAP, BLOCK, GROUP)
+        if count <= CAP:
+            threshold, last_tie, head_mass_others, head_plogp_others, target_in = _head_of_candidates(
+                row_ptr, V, row_candidates_ptr, count, k, target, m, log_sum_exp, softcap,
+                CAP, GROUP, KEY_BITS, DIGIT_BITS, HAS_SOFTCAP,
+            )
+        else:
+            HEAD_BLOCK: tl.constexpr = BLOCK if BLOCK < 2048 else 2048
+            threshold, last_tie, head_mass_others, head_plogp_others, target_in = _head_of_row(
+                row_ptr, V, k, target, m, log_sum_exp, softcap, HEAD_BLOCK, KEY_BITS, DIGIT_BITS, HAS_SOFTCAP,
+            )
+        head_mass = head_mass_others + tl.where(target_in > 0, pi_y, 0.0)
         tl.store(threshold_ptr + row, threshold)
-        tl.store(ties_in_head_ptr + row, ties_in_head)
+        tl.store(last_tie_ptr + row, last_tie)
         negative_mass = lambda_head * head_mass_others + lambda_tail * (one_minus_pi_y - head_mass_others)
         negative_loss = -(
             lambda_head * head_plogp_others + lambda_tail * (plogp_others - head_plogp_others)
@@ -479,7 +542,7 @@ def generalised_ce_backward(
     logits_ptr, stride_row, target_ptr, weight_ptr, grad_rows_ptr, grad_rows_stride,
     grad_ptr, grad_stride_row,
     row_max_ptr, log_sum_exp_ptr, coef_ptr, scale_ptr, smooth_ptr, grad_target_ptr, threshold_ptr,
-    ties_in_head_ptr, V, vocab_start, ignore_index, lambda_head, lambda_tail, softcap,
+    last_tie_ptr, V, vocab_start, ignore_index, lambda_head, lambda_tail, softcap,
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, HAS_RANK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
@@ -488,8 +551,8 @@ def generalised_ce_backward(
     The row may be a vocabulary shard, classes [vocab_start, vocab_start + V) of a larger
     vocabulary (0 and the whole vocabulary otherwise): the per-row state carries every global
     number (eps / V of the whole vocabulary in ``smooth``), so only the target's column moves.
-    With a head, of the logits equal to the threshold the first ``ties_in_head`` (of the row or
-    shard, in index order) are in K: a running tie count, with a cumsum only in blocks that hold ties.
+    With a head, K is the logits above the threshold and those equal to it up to column
+    ``last_tie`` (of the row or shard; the forward found it): no tie count in the loop.
     An ignored row writes zeros without reading its logits.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -510,9 +573,8 @@ def generalised_ce_backward(
     smooth = tl.load(smooth_ptr + row) * upstream
     grad_target = tl.load(grad_target_ptr + row) * upstream
     if HAS_RANK:
-        threshold = tl.load(threshold_ptr + row)
-        ties_in_head = tl.load(ties_in_head_ptr + row)
-        ties_seen = 0
+        threshold = _float_of_key(tl.load(threshold_ptr + row), logits_ptr.dtype.element_ty, KEY_BITS)
+        last_tie = tl.load(last_tie_ptr + row)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
@@ -521,13 +583,9 @@ def generalised_ce_backward(
         z = _softcap(x, softcap, HAS_SOFTCAP)
         p = tl.where(z == float("-inf"), 0.0, _exp((z - row_max) - log_sum_exp))
         if HAS_RANK:
-            key = _sortable_key(x_raw, KEY_BITS)
-            head = key > threshold  # -inf padding never is: the threshold is a key of the row
-            tie = in_row & (key == threshold)
-            block_ties = tl.sum(tie.to(tl.int32), 0)
-            if block_ties > 0:
-                head |= tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_in_head)
-            ties_seen += block_ties
+            # Float compares (equal keys are equal floats, -0.0 == 0.0). -inf padding past the row
+            # is never in K: the threshold is a logit of the row, and the padding is past the last tie.
+            head = (x > threshold) | ((x == threshold) & (cols <= last_tie))
             g = p * (coef - scale * tl.where(head, lambda_head, lambda_tail))
         else:
             g = p * (coef - scale * lambda_tail)

@@ -49,9 +49,9 @@ def vocab_shard_partials(
     x_target = 0.0
     if HAS_STATS:
         x_target = tl.load(x_target_ptr + row)
-    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, _, _ = _online_pass(
+    m, sum_exp, sum_exp_others, sum_exp_shifted, sum_c_shifted, rank, _ = _online_pass(
         row_ptr, weight_ptr, V, target_column, x_target, softcap,
-        BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP, False, KEY_BITS, 8,
+        BLOCK, LANE, HAS_SOFTCAP, HAS_WEIGHT, HAS_SMOOTHING, HAS_STATS, HAS_PLOGP, False, 1,
     )
     out = partial_ptr + row * PARTIAL_COLUMNS
     tl.store(out, m)

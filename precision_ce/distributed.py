@@ -247,10 +247,9 @@ def forward(
                                       loss, state, denominator / count)
     if kernels:
         # The kernels index per-row numbers densely; columns of the all-reduced tensors are strided.
-        # With a head, the backward kernel takes this shard's tie budget (its first ties_in_k ties are in K).
-        ties_in_head = ties_in_k.to(torch.int32) if ranked else found.last_tie
+        # With a head, the backward kernel takes this shard's last tie in K (a local column).
         state = backend.RowState(*(field.float().contiguous() for field in state[:6]), found.threshold,
-                                 ties_in_head)
+                                 found.last_tie)
     stats = None
     if with_stats:
         # As the single-device backends: 0 on ignored rows; the top-k mass NaN unless asked for

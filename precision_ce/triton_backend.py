@@ -34,17 +34,17 @@ class RowState(NamedTuple):
     smooth: torch.Tensor
     grad_target: torch.Tensor
     threshold: torch.Tensor  # int32 order-preserving key of the k-th largest raw logit
-    ties_in_head: torch.Tensor  # int32: of the logits equal to it, the first this many are in K
+    last_tie: torch.Tensor  # int32: the logits equal to it are in K up to this column
 
 
 def cuda_launch_config(vocab: int, element_size: int, rank: bool = False) -> dict[str, int]:
     """BLOCK and num_warps of a kernel on CUDA, for logits of ``element_size`` bytes; ``rank``: the
-    forward with the head's passes (HAS_HEAD) or the backward of a rank mode (HAS_RANK)."""
+    backward of a rank mode (HAS_RANK)."""
     # 16 KiB of logits per block keeps loads wide; about 16 elements per thread keeps the block's
-    # live values (x, z, e^z) in registers. The rank passes hold integer keys, histogram digits and
-    # the tie count beside them: 2048-wide blocks over 8 warps (8 elements per thread, one or two
-    # 16-byte loads) keep every variant at <= 97 registers without spills, where 16 elements per
-    # thread reach the 128 cap and spill (scripts/compile_kernels.py --resources, sm_90).
+    # live values (x, z, e^z) in registers. The rank backward runs 2048-wide blocks over 8 warps:
+    # 32 registers and 8 programs per SM, where 8192 x 16 warps take 50 and 2 (predicted 6.97 vs
+    # 7.03 ms for bf16 tail_penalty at N 16384, V 128256; scripts/kernel_report.py). The forward
+    # with a head takes the cross-entropy blocks (predicted 6.97 vs 8.45 ms at 2048 x 8 warps).
     # Untuned: no GPU has timed these choices yet.
     if rank:
         return {"BLOCK": min(2048, triton.next_power_of_2(vocab)), "num_warps": 8}
@@ -60,23 +60,30 @@ def _launch_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, in
     return cuda_launch_config(vocab, logits.element_size(), rank)
 
 
-def lane_width(logits: torch.Tensor, block: int, rank: bool) -> int:
+def lane_width(logits: torch.Tensor, block: int) -> int:
     """LANE of the online pass (kernels/cross_entropy.py, ``_online_pass``): the elements of one
     16-byte load where rows are 16-byte aligned (Triton specialises a pointer and integers
     divisible by 16, and then vectorises the loads, so a lane stays in one thread), else BLOCK (one
-    lane: a block reduction per block). fp32 rank forwards take BLOCK too: their lanes cost 16
-    registers and a resident program per SM (scripts/kernel_report.py: 96 against 80 registers)."""
+    lane: a block reduction per block)."""
     vector = 16 // logits.element_size()
     aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.shape[1] % 16 == 0
-    if not aligned or (rank and logits.element_size() == 4) or vector > block:
+    if not aligned or vector > block:
         return block
     return vector
 
 
-def _online_pass_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, int]:
+def _online_pass_config(vocab: int, logits: torch.Tensor) -> dict[str, int]:
     """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE."""
-    config = _launch_config(vocab, logits, rank)
-    return dict(config, LANE=lane_width(logits, config["BLOCK"], rank))
+    config = _launch_config(vocab, logits, rank=False)
+    return dict(config, LANE=lane_width(logits, config["BLOCK"]))
+
+
+def candidate_room(k: int) -> int:
+    """CAP of the forward with a head: room for 2k candidates (at least 64, at most 4096) per row.
+
+    Pass R keeps the logits at or above the floor (kernels/cross_entropy.py), about k plus a few
+    slot collisions and ties; a row with more takes the whole-row radix select instead."""
+    return min(4096, max(64, triton.next_power_of_2(2 * k)))
 
 
 def _key_bits(dtype: torch.dtype) -> int:
@@ -119,6 +126,9 @@ def forward(
     loss = new()
     state = RowState(*(new() for _ in range(6)), new(torch.int32), new(torch.int32))
     stats = RowStats(new(), new(), new(), new()) if with_stats else None
+    k = min(reward.k, vocab)
+    room = candidate_room(k) if has_head else 1
+    candidates = torch.empty(rows if has_head else 0, room, dtype=torch.int32, device=device)
     weight_arg = weight if weight is not None else loss  # unread when HAS_WEIGHT is False
     # A device tensor, not a Python float: no host sync.
     class_weight_sum = loss if weight is None else weight.float().sum().reshape(1)
@@ -126,9 +136,10 @@ def forward(
         stats_args = stats if stats is not None else (loss,) * 4
         wrap_triton(generalised_ce_forward)[(rows,)](
             logits, logits.stride(0), target, weight_arg,
-            loss, *state, stats_args[0], stats_args[2], stats_args[3], class_weight_sum,
-            vocab, params.ignore_index, min(reward.k, vocab), reward.beta, lambda_head, lambda_tail,
+            loss, *state, candidates if has_head else loss, stats_args[0], stats_args[2], stats_args[3],
+            class_weight_sum, vocab, params.ignore_index, k, reward.beta, lambda_head, lambda_tail,
             params.label_smoothing, params.z_loss, params.softcap or 1.0,
+            CAP=room,
             KEY_BITS=_key_bits(logits.dtype),
             SHAPED=reward.beta != 0.0,
             FOCAL=reward.positive_reward == "focal",
@@ -139,7 +150,7 @@ def forward(
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,
             HAS_SOFTCAP=params.has_softcap,
-            **_online_pass_config(vocab, logits, rank=has_head),
+            **_online_pass_config(vocab, logits),
         )
     if stats is not None:
         stats = stats._replace(lse=state.row_max + state.log_sum_exp)
@@ -238,6 +249,6 @@ def shard_partials(
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=params.has_smoothing,
             HAS_SOFTCAP=params.has_softcap,
-            **_online_pass_config(shard_vocab, logits, rank=False),  # <= 128 registers at 16 KiB
+            **_online_pass_config(shard_vocab, logits),  # <= 128 registers at 16 KiB
         )
     return ShardPartials(partial, key, last_tie)

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as compile_kernel  # noqa: E402
 
-from precision_ce.triton_backend import cuda_launch_config  # noqa: E402
+from precision_ce.triton_backend import candidate_room, cuda_launch_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FORWARD_FLAGS = ("SHAPED", "FOCAL", "HAS_HEAD", "HAS_STATS", "HAS_NEGATIVES", "HAS_WEIGHT",
@@ -39,7 +39,7 @@ INTEGER_ARGS = {"stride_row", "grad_rows_stride", "grad_stride_row", "V", "vocab
 def argument_type(name: str, dtype: str) -> str:
     """Triton signature type of a kernel argument, from the names the kernels use."""
     pointers = {"logits_ptr": dtype, "grad_ptr": dtype, "target_ptr": "i64", "threshold_ptr": "i32",
-                "ties_in_head_ptr": "i32", "last_tie_ptr": "i32", "threshold_value_ptr": dtype,
+                "candidates_ptr": "i32", "last_tie_ptr": "i32", "threshold_value_ptr": dtype,
                 "threshold_key_ptr": "i32", "tie_budget_ptr": "i32"}
     if name.endswith("_ptr"):
         return "*" + pointers.get(name, "fp32")
@@ -48,9 +48,10 @@ def argument_type(name: str, dtype: str) -> str:
 
 def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
     """Compile one variant at the host's CUDA launch config (``cuda_launch_config``)."""
-    rank = kernel.__name__ != "vocab_shard_partials" and (flags.get("HAS_HEAD") or flags.get("HAS_RANK"))
-    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(rank))  # a 128K vocabulary
+    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(flags.get("HAS_RANK")))  # 128K vocabulary
     constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
+    if "CAP" in kernel.arg_names:
+        constexprs["CAP"] = candidate_room(100)  # the presets' k
     if "LANE" in kernel.arg_names:
         # Compiled here without the runtime's alignment attributes, that is for unaligned rows,
         # where the host takes one lane (triton_backend.lane_width; kernel_report.py compiles the

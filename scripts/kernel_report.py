@@ -275,16 +275,23 @@ def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, voca
 def loop_weights(loops: list[dict[str, Any]], read_passes: float, write_passes: float) -> list[float]:
     """The share of rows that run each loop, from the passes the interpreter counted.
 
-    Loops that load are the passes over the row; fewer read passes than such loops (ignored rows
-    exit early) scale them all down. Loops that only store (the zeros of ignored rows' gradient)
-    take the write passes the loading loops leave over.
+    Loops that load are the passes over the row, taken in address order: each takes one of the
+    counted read passes until they are used up, so the loops after the main passes (the head's
+    whole-row select, for rows whose candidates overflow) run for no row of the report's random
+    logits, and an all-ignored batch (0 reads) runs none. A remainder under 0.1 pass is a gather
+    (the target's logit, the head's candidates), not a loop. Loops that only store (the zeros of
+    ignored rows' gradient) take the write passes the loading loops leave over.
     """
-    loading = [loop for loop in loops if loop["global_loads"]]
+    shares, left = [], read_passes
+    for loop in loops:
+        share = min(1.0, left) if loop["global_loads"] and left >= 0.1 else 0.0
+        left -= share
+        shares.append(share)
     storing_only = [loop for loop in loops if not loop["global_loads"] and loop["global_stores"]]
-    share = min(1.0, read_passes / len(loading)) if loading else 0.0
-    left = max(0.0, write_passes - share * sum(bool(loop["global_stores"]) for loop in loading))
-    store_share = min(1.0, left / len(storing_only)) if storing_only else 0.0
-    return [share if loop["global_loads"] else store_share if loop["global_stores"] else 1.0 for loop in loops]
+    written = sum(share for loop, share in zip(loops, shares, strict=True) if loop["global_stores"])
+    store_share = min(1.0, max(0.0, write_passes - written) / len(storing_only)) if storing_only else 0.0
+    return [share if loop["global_loads"] else store_share if loop["global_stores"] else 1.0
+            for loop, share in zip(loops, shares, strict=True)]
 
 
 def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, device: Device,

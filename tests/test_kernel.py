@@ -15,7 +15,7 @@ from helpers import random_logits, random_targets, surrogate_loss_fp64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from precision_ce import RewardConfig, cross_entropy
+from precision_ce import RewardConfig, cross_entropy, triton_backend
 
 pytestmark = pytest.mark.usefixtures("small_blocks")
 
@@ -121,6 +121,31 @@ def test_ties_at_the_threshold_follow_index_order(dtype: torch.dtype, device: st
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=GRAD_RTOL[dtype], atol=1e-6)
 
 
+def overflowing_rows(dtype: torch.dtype, monkeypatch) -> torch.Tensor:
+    """Rows of 600 logits for k = 12 (room for 64 candidate groups of 8 bf16 / 4 fp32 logits), in
+    128-wide blocks (16 / 32 slots, enough for k): a row whose candidates fit, then rows with
+    logits at or above the floor in more than 64 groups."""
+    monkeypatch.setattr(triton_backend, "FORCED_BLOCK", 128)
+    logits = random_logits(4, 600, seed=21, scale=2.0).to(dtype)
+    logits[1] = 0.5  # every logit tied: all 600 are candidates
+    logits[2, ::3] = logits[2].max() + 1  # 200 ties at the top, the k-th among them
+    logits[3, ::2] = -math.inf  # -inf below the floor, ties above it: 300 candidates
+    logits[3, 1::2] = 2.0
+    return logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_candidates_overflow_take_the_whole_row_select(dtype: torch.dtype, device: str,
+                                                                  monkeypatch) -> None:
+    """Pass R keeps the groups holding logits at or above the floor (the k-th largest slot
+    maximum); a row with more of them than the buffer holds, or k above the slots (floor -inf),
+    selects over the whole row: the same head, ties in index order."""
+    logits = overflowing_rows(dtype, monkeypatch)
+    target = torch.tensor([5, 7, 3, 1])  # the target tied at the threshold in rows 1-3
+    assert_matches_torch_backend(logits, target, device, k=12, lambda_head=0.3, lambda_tail=-0.1)
+    assert_matches_torch_backend(logits, target, device, k=40, lambda_head=0.3, lambda_tail=-0.1)  # > bf16's slots
+
+
 @pytest.mark.parametrize("softcap", [None, 3.0])
 def test_minus_inf_logits_and_whole_minus_inf_blocks(softcap: float | None, device: str) -> None:
     logits = random_logits(5, 70, seed=4).float()
@@ -142,9 +167,7 @@ def test_every_lane_width_of_the_online_pass_agrees(monkeypatch, lane: int, opti
     """The online pass's per-lane maxima and sums (``_online_pass``, LANE) combine to the row's, with
     lanes that start, stay or end at -inf, a ragged tail and the target inside any lane; the host
     picks 16-byte lanes on aligned rows and one lane elsewhere (``triton_backend.lane_width``)."""
-    from precision_ce import triton_backend
-
-    monkeypatch.setattr(triton_backend, "lane_width", lambda logits, block, rank: lane)
+    monkeypatch.setattr(triton_backend, "lane_width", lambda logits, block: lane)
     logits = random_logits(6, 75, seed=40).float()
     logits[0, 16:48] = -math.inf  # whole blocks
     logits[1, :5] = -math.inf  # the first lanes of the row
@@ -359,6 +382,21 @@ def test_ignored_rows_read_nothing(option: str) -> None:
     assert traffic.backward_write == 1.0
     half = _passes(logits, torch.tensor([-100, 3, -100, 60]), **options)
     assert half.forward_read <= 0.5 * (3 if option == "cross_entropy" else 5) and half.backward_read == 0.5
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, row_passes", [(torch.bfloat16, 2), (torch.float32, 4)])
+def test_the_head_reads_a_row_twice_unless_its_candidates_overflow(dtype: torch.dtype, row_passes: int,
+                                                                    monkeypatch) -> None:
+    """Passes A and R, then only the candidates (a gather); a row whose candidates overflow adds the
+    whole-row select: a histogram pass per 8-bit digit and one for the sums over K."""
+    logits = overflowing_rows(dtype, monkeypatch)
+    one_row = lambda row: _passes(logits[[row, row]], torch.tensor([5, 5]), k=12, lambda_tail=-0.1)  # noqa: E731
+    target_logit = 1 / 600
+    fitting = one_row(0).forward_read
+    assert 2.0 + 12 / 600 <= fitting - target_logit <= 2.0 + 64 * 8 / 600
+    for row in (1, 2, 3):
+        assert one_row(row).forward_read == pytest.approx(2.0 + row_passes + 1 + target_logit)
 
 
 @needs_interpreter

@@ -57,8 +57,9 @@ def _cases():
 
 @pytest.mark.parametrize(("vocab", "mode", "dtype"), _cases())
 def test_production_blocks_match_torch_backend(vocab: int, mode: str, dtype: torch.dtype, device: str) -> None:
-    block = triton_backend.cuda_launch_config(vocab, dtype.itemsize, rank=True)["BLOCK"]
-    assert block >= 2048 and vocab % block != 0  # many wide blocks, the last one ragged
+    for rank in (False, True):  # the forward (with its head) and the rank backward
+        block = triton_backend.cuda_launch_config(vocab, dtype.itemsize, rank)["BLOCK"]
+        assert block >= 2048 and vocab % block != 0  # many wide blocks, the last one ragged
     logits = llm_logits(3, vocab, dtype, seed=vocab % 97)
     target = random_targets(3, vocab, seed=1)
     target[1] = -100
@@ -87,12 +88,11 @@ def test_shifted_and_strided_inputs(dtype: torch.dtype, device: str) -> None:
 
 def test_lane_width_follows_the_rows_alignment() -> None:
     """16-byte lanes where Triton vectorises the loads (pointer, row stride and V divisible by 16),
-    one lane (LANE = BLOCK) elsewhere and in the fp32 head pass (kernels/cross_entropy.py, _online_pass)."""
+    one lane (LANE = BLOCK) elsewhere (kernels/cross_entropy.py, _online_pass)."""
     lane = triton_backend.lane_width
     bf16, fp32 = torch.empty(2, 128256, dtype=torch.bfloat16), torch.empty(2, 128256)
-    assert lane(bf16, 8192, rank=False) == lane(bf16, 2048, rank=True) == 8
-    assert lane(fp32, 4096, rank=False) == 4
-    assert lane(fp32, 2048, rank=True) == 2048
-    assert lane(torch.empty(2, 50257, dtype=torch.bfloat16), 8192, rank=False) == 8192  # V % 16 != 0
-    assert lane(torch.empty(2, 128257)[:, 1:], 4096, rank=False) == 4096  # rows 4 bytes off 16
-    assert lane(torch.empty(2, 16, dtype=torch.bfloat16), 4, rank=False) == 4  # never past BLOCK
+    assert lane(bf16, 8192) == 8
+    assert lane(fp32, 4096) == 4
+    assert lane(torch.empty(2, 50257, dtype=torch.bfloat16), 8192) == 8192  # V % 16 != 0
+    assert lane(torch.empty(2, 128257)[:, 1:], 4096) == 4096  # rows 4 bytes off 16
+    assert lane(torch.empty(2, 16, dtype=torch.bfloat16), 4) == 4  # never past BLOCK

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from precision_ce import triton_backend
 from precision_ce.bench.traffic import format_table, measure_mode, measure_passes
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret,
@@ -71,11 +72,11 @@ def test_cross_entropy_reads_once_forward_and_reads_and_writes_once_backward(dty
 
 @pytest.mark.parametrize("dtype, mode, reads", [
     (torch.bfloat16, {}, 2.0), (torch.float32, {}, 2.0),  # cross-entropy: 1 + 1
-    (torch.bfloat16, {"k": 5, "lambda_tail": -0.1}, 3.0), (torch.float32, {"k": 5, "lambda_tail": -0.1}, 4.0),
+    (torch.bfloat16, {"k": 5, "lambda_tail": -0.1}, 3.0), (torch.float32, {"k": 5, "lambda_tail": -0.1}, 3.0),
 ])
 def test_fused_linear_chunks_are_read_by_both_kernels_and_written_once_in_the_forward(dtype, mode, reads):
     # docs/linear.md: with a scalar upstream gradient ("mean"), each chunk's logits are read by the
-    # forward kernel (once; a rank mode's head passes: 2 for 16-bit, 3 for fp32), then read and
+    # forward kernel (once; a rank mode's: twice, and the few candidates of its head), then read and
     # overwritten with their gradient by the backward kernel, all in the forward pass; the backward
     # pass only scales the small gradients.
     from precision_ce import linear_cross_entropy
@@ -91,7 +92,8 @@ def test_fused_linear_chunks_are_read_by_both_kernels_and_written_once_in_the_fo
         lambda loss: loss.backward(),
         torch.empty(rows, vocab, dtype=dtype), unit_numel=chunk * vocab,
     )
-    assert traffic.forward_read == pytest.approx(reads, abs=1e-2)  # + the target's logit per row
+    candidates = 0.0 if not mode else triton_backend.candidate_room(mode["k"]) * 8 / vocab  # groups gathered, at most
+    assert reads <= traffic.forward_read <= reads + candidates + 2 / vocab  # + the target's logit per row
     assert traffic.forward_write == 1.0
     assert traffic.backward_read == traffic.backward_write == 0.0
 
