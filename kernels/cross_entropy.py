@@ -281,47 +281,54 @@ def _head_floor(slot_max, k):
 
 
 @triton.jit
-def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                        GROUP: tl.constexpr):
-    """Pass R: the groups of GROUP contiguous logits that hold a logit >= ``floor`` (their first
-    columns, in index order) into ``candidates_ptr[:CAP]``; returns how many groups there are (only
-    the first CAP are written when there are more).
-
-    Groups, not logits: candidates are sparse (about k of V), and a group is one thread's vector
-    load on aligned rows, so the compaction scans one flag per thread, not one per logit."""
-    GROUPS: tl.constexpr = BLOCK // GROUP
-    count = 0
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x_raw = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
-        group_start = start + tl.arange(0, GROUPS) * GROUP
-        # The group's max in the logits' dtype (exact), one compare per group; a group past the row
-        # (all -inf) must not pass a floor of -inf.
-        hit = (tl.max(tl.reshape(x_raw, (GROUPS, GROUP)), 1).to(tl.float32) >= floor) & (group_start < V)
-        flags = hit.to(tl.int32)
-        slot = count + tl.cumsum(flags, 0) - 1
-        tl.store(candidates_ptr + slot, group_start, mask=hit & (slot < CAP))
-        count += tl.sum(flags, 0)
-    return count
+def _popcount(x):
+    """Set bits of each int64 (SWAR: the interpreter runs no libdevice popc)."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).to(tl.int32)
 
 
 @triton.jit
-def _head_terms(x_raw, cols, key, valid, threshold, ties_seen, ties_in_head, target, row_max, log_sum_exp,
-                softcap, HAS_SOFTCAP: tl.constexpr):
-    """A block's share of the sums over K. K: the keys above the threshold and, of those equal to
-    it, the first ``ties_in_head`` in index order (``ties_seen`` of them are in earlier blocks).
-    Returns sum pi and sum pi log pi over K without the target, 1 if the target is in K (else 0),
-    the block's ties, and the column of its last tie in K (-1: none)."""
-    tie = valid & (key == threshold)
-    ties = tie.to(tl.int32)
-    tie_in = tie & (ties_seen + tl.cumsum(ties, 0) <= ties_in_head)
-    in_head = (valid & (key > threshold)) | tie_in
+def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                        GROUP: tl.constexpr):
+    """Pass R: the groups of GROUP contiguous logits that hold a logit >= ``floor`` (their first
+    columns) into ``candidates_ptr[:CAP]``; returns how many there are (only the first CAP are
+    written when there are more). At most 64 blocks per row (the caller's limit).
+
+    Groups, not logits: candidates are sparse (about k of V), and a group is one thread's vector
+    load on aligned rows. The loop only sets bits, in the thread that holds the group: bit b of
+    ``hits[g]`` says group g of block b holds a candidate. The groups are written after the loop,
+    with one scan per row: group position by group position, each position's blocks in order
+    (a fixed order, not the index order)."""
+    GROUPS: tl.constexpr = BLOCK // GROUP
+    positions = tl.arange(0, GROUPS) * GROUP
+    hits = tl.zeros((GROUPS,), tl.int64)
+    for start in range(0, V, BLOCK):
+        x_raw = tl.load(row_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < V,
+                        other=float("-inf"))
+        # The group's max in the logits' dtype (exact), one compare per group; a group past the row
+        # (all -inf) must not pass a floor of -inf.
+        hit = (tl.max(tl.reshape(x_raw, (GROUPS, GROUP)), 1).to(tl.float32) >= floor) & (start + positions < V)
+        hits |= hit.to(tl.int64) << (start // BLOCK)
+    counts = _popcount(hits)
+    slot = tl.cumsum(counts, 0) - counts
+    for start in range(0, V, BLOCK):
+        hit = ((hits >> (start // BLOCK)) & 1) != 0
+        tl.store(candidates_ptr + slot, start + positions, mask=hit & (slot < CAP))
+        slot += hit.to(tl.int32)
+    return tl.sum(counts, 0)
+
+
+@triton.jit
+def _head_terms(x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block's share of the sums over K (``in_head``): sum pi and sum pi log pi over K without
+    the target, and 1 if the target is in K (else 0)."""
     log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
     p = _exp(log_p)
-    own = cols == target
     counted = in_head & (cols != target) & (p > 0.0)
     return (tl.sum(tl.where(counted, p, 0.0), 0), tl.sum(tl.where(counted, p * log_p, 0.0), 0),
-            tl.sum((in_head & own).to(tl.int32), 0), tl.sum(ties, 0), tl.max(tl.where(tie_in, cols, -1), 0))
+            tl.sum((in_head & (cols == target)).to(tl.int32), 0))
 
 
 @triton.jit
@@ -332,8 +339,12 @@ def _head_of_candidates(
 ):
     """The head K from pass R's ``count`` <= CAP groups (K is among their logits: the rest of the
     row is below the floor): the threshold key (the k-th largest logit), the column of the last
-    logit equal to it in K, the mass of K and the sums over K without the target (``_head_terms``). No pass
-    over the row: a gather of CAP x GROUP logits, in index order."""
+    logit equal to it in K, the mass of K and the sums over K without the target (``_head_terms``).
+    No pass over the row: a gather of CAP x GROUP logits.
+
+    K takes the ties at the threshold lowest column first; the candidates are not in index order,
+    so the last tie in K is found by a radix select on the ties' columns (the ties_in_head-th
+    smallest), which no order of the candidates changes."""
     slots = tl.arange(0, CAP)
     starts = tl.load(candidates_ptr + slots, mask=slots < count, other=V)
     cols = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (CAP * GROUP,))
@@ -341,9 +352,12 @@ def _head_of_candidates(
     x_raw = tl.load(row_ptr + cols, mask=valid, other=0.0)
     key = _sortable_key(x_raw, KEY_BITS)
     threshold, ties_in_head = _kth_largest(key, valid, k, KEY_BITS, DIGIT_BITS)
-    mass_others, plogp_others, target_in, _, last_tie = _head_terms(
-        x_raw, cols, key, valid, threshold, 0, ties_in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP)
-    return threshold, last_tie, mass_others, plogp_others, target_in
+    tie = valid & (key == threshold)
+    minus_last_tie, _ = _kth_largest(-cols, tie, ties_in_head, 32, 8)
+    in_head = (valid & (key > threshold)) | (tie & (cols <= -minus_last_tie))
+    mass_others, plogp_others, target_in = _head_terms(
+        x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP)
+    return threshold, -minus_last_tie, mass_others, plogp_others, target_in
 
 
 @triton.jit
@@ -376,14 +390,17 @@ def _head_of_row(
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=0.0)
-        mass, plogp, own, ties, block_last_tie = _head_terms(
-            x_raw, cols, _sortable_key(x_raw, KEY_BITS), in_row, threshold, ties_seen, remaining, target, row_max,
-            log_sum_exp, softcap, HAS_SOFTCAP)
+        key = _sortable_key(x_raw, KEY_BITS)
+        tie = in_row & (key == threshold)
+        ties = tie.to(tl.int32)
+        tie_in = tie & (ties_seen + tl.cumsum(ties, 0) <= remaining)  # in index order: a running count
+        mass, plogp, own = _head_terms(x_raw, cols, (in_row & (key > threshold)) | tie_in, target, row_max,
+                                       log_sum_exp, softcap, HAS_SOFTCAP)
         mass_others += mass
         plogp_others += plogp
         target_in += own
-        ties_seen += ties
-        last_tie = tl.maximum(last_tie, block_last_tie)
+        ties_seen += tl.sum(ties, 0)
+        last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
     return threshold, last_tie, mass_others, plogp_others, target_in
 
 
@@ -474,7 +491,9 @@ def generalised_ce_forward(
         DIGIT_BITS: tl.constexpr = 8
         floor = _head_floor(slot_max, k)
         row_candidates_ptr = candidates_ptr + row * CAP
-        count = _collect_candidates(row_ptr, V, floor, row_candidates_ptr, CAP, BLOCK, GROUP)
+        count = CAP + 1  # rows of more than 64 blocks take the whole-row select
+        if V <= 64 * BLOCK:
+            count = _collect_candidates(row_ptr, V, floor, row_candidates_ptr, CAP, BLOCK, GROUP)
         if count <= CAP:
             threshold, last_tie, head_mass_others, head_plogp_others, target_in = _head_of_candidates(
                 row_ptr, V, row_candidates_ptr, count, k, target, m, log_sum_exp, softcap,

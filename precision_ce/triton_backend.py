@@ -60,21 +60,31 @@ def _launch_config(vocab: int, logits: torch.Tensor, rank: bool) -> dict[str, in
     return cuda_launch_config(vocab, logits.element_size(), rank)
 
 
+def _rows_aligned(logits: torch.Tensor) -> bool:
+    """Whether Triton will vectorise the rows' loads: it specialises a pointer and integers
+    divisible by 16 (the rows' start, row stride and V)."""
+    return logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.shape[1] % 16 == 0
+
+
 def lane_width(logits: torch.Tensor, block: int) -> int:
     """LANE of the online pass (kernels/cross_entropy.py, ``_online_pass``): the elements of one
-    16-byte load where rows are 16-byte aligned (Triton specialises a pointer and integers
-    divisible by 16, and then vectorises the loads, so a lane stays in one thread), else BLOCK (one
-    lane: a block reduction per block)."""
+    16-byte load where rows are 16-byte aligned (the loads are vectorised, so a lane stays in one
+    thread), else BLOCK (one lane: a block reduction per block)."""
     vector = 16 // logits.element_size()
-    aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and logits.shape[1] % 16 == 0
-    if not aligned or vector > block:
+    if not _rows_aligned(logits) or vector > block:
         return block
     return vector
 
 
-def _online_pass_config(vocab: int, logits: torch.Tensor) -> dict[str, int]:
-    """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE."""
-    config = _launch_config(vocab, logits, rank=False)
+def _online_pass_config(vocab: int, logits: torch.Tensor, has_head: bool = False) -> dict[str, int]:
+    """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE.
+
+    A forward with a head over unaligned 16-bit rows (scalar loads, one lane) takes the rank
+    backward's 2048-wide blocks: 8192 x 16 warps need 128 registers there, one program per SM
+    (predicted at V = 50257: 2.13x the cross-entropy step against 2.79x; fp32 rows keep the wide
+    blocks, 1.59x against 2.05x; scripts/kernel_report.py --vocab 50257)."""
+    narrow = has_head and logits.element_size() == 2 and not _rows_aligned(logits)
+    config = _launch_config(vocab, logits, rank=narrow)
     return dict(config, LANE=lane_width(logits, config["BLOCK"]))
 
 
@@ -150,7 +160,7 @@ def forward(
             HAS_SMOOTHING=params.has_smoothing,
             HAS_Z_LOSS=params.has_z_loss,
             HAS_SOFTCAP=params.has_softcap,
-            **_online_pass_config(vocab, logits),
+            **_online_pass_config(vocab, logits, has_head),
         )
     if stats is not None:
         stats = stats._replace(lse=state.row_max + state.log_sum_exp)

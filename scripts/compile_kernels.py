@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.compiler import compile as compile_kernel  # noqa: E402
 
-from precision_ce.triton_backend import candidate_room, cuda_launch_config  # noqa: E402
+from precision_ce import triton_backend  # noqa: E402
+from precision_ce.triton_backend import cuda_launch_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FORWARD_FLAGS = ("SHAPED", "FOCAL", "HAS_HEAD", "HAS_STATS", "HAS_NEGATIVES", "HAS_WEIGHT",
@@ -51,7 +52,7 @@ def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
     launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(flags.get("HAS_RANK")))  # 128K vocabulary
     constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
     if "CAP" in kernel.arg_names:
-        constexprs["CAP"] = candidate_room(100)  # the presets' k
+        constexprs["CAP"] = triton_backend.candidate_room(100)  # the presets' k
     if "LANE" in kernel.arg_names:
         # Compiled here without the runtime's alignment attributes, that is for unaligned rows,
         # where the host takes one lane (triton_backend.lane_width; kernel_report.py compiles the

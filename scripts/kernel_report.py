@@ -245,7 +245,7 @@ def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
 
 
 def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, vocab: int, element_size: int,
-                 device: Device, model: Model) -> tuple[float, str]:
+                 device: Device, model: Model, writes_logits: bool = True) -> tuple[float, str]:
     """Seconds of one loop of a launch over ``tokens`` rows if every row runs it, and what bounds it.
 
     ``iterations`` BLOCK-element iterations per SM; a program's iteration issues ``compute`` =
@@ -254,11 +254,12 @@ def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, voca
     ``resident`` programs per SM overlap, so an SM finishes ``resident`` iterations every
     max(resident x compute, latency + compute); with a cp.async pipeline of S stages, every
     max(resident x compute, latency / (S - 1)); a loop that only stores waits for nothing. The loop
-    takes at least its bytes (a pass per load and per store) at the achieved bandwidth.
+    takes at least its bytes (a pass per load and per store) at the achieved bandwidth; its stores
+    count only where the phase ``writes_logits`` (in the forward they go to per-row scratch).
     """
     warps, resident = kernel["num_warps"], kernel["ctas_per_sm"]
     iterations = tokens * math.ceil(vocab / kernel["BLOCK"]) / device.sms
-    passes = bool(loop["global_loads"]) + bool(loop["global_stores"])
+    passes = bool(loop["global_loads"]) + (writes_logits and bool(loop["global_stores"]))
     floor = passes * tokens * vocab * element_size / (model.achieved_bandwidth * device.bandwidth)
     compute = loop["instructions"] * warps / (model.schedulers_per_sm * model.clock)
     if not loop["global_loads"]:
@@ -280,7 +281,9 @@ def loop_weights(loops: list[dict[str, Any]], read_passes: float, write_passes: 
     whole-row select, for rows whose candidates overflow) run for no row of the report's random
     logits, and an all-ignored batch (0 reads) runs none. A remainder under 0.1 pass is a gather
     (the target's logit, the head's candidates), not a loop. Loops that only store (the zeros of
-    ignored rows' gradient) take the write passes the loading loops leave over.
+    ignored rows' gradient) take the write passes the loading loops leave over; in a phase that
+    writes nothing logits-sized (the forward) they write per-row scratch (the head's candidates,
+    one iteration per block) and run on the rows that read.
     """
     shares, left = [], read_passes
     for loop in loops:
@@ -289,7 +292,10 @@ def loop_weights(loops: list[dict[str, Any]], read_passes: float, write_passes: 
         shares.append(share)
     storing_only = [loop for loop in loops if not loop["global_loads"] and loop["global_stores"]]
     written = sum(share for loop, share in zip(loops, shares, strict=True) if loop["global_stores"])
-    store_share = min(1.0, max(0.0, write_passes - written) / len(storing_only)) if storing_only else 0.0
+    if write_passes == 0:
+        store_share = max(shares, default=0.0)
+    else:
+        store_share = min(1.0, max(0.0, write_passes - written) / len(storing_only)) if storing_only else 0.0
     return [share if loop["global_loads"] else store_share if loop["global_stores"] else 1.0
             for loop, share in zip(loops, shares, strict=True)]
 
@@ -312,7 +318,7 @@ def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, devi
         loops = [(kernels[name], loop) for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
         seconds, bounds = 0.0, {}
         for (kernel, loop), weight in zip(loops, variant["loop_weights"][phase], strict=True):
-            time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model)
+            time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model, writes > 0)
             seconds += weight * time
             bounds[bound] = bounds.get(bound, 0.0) + weight * time
         seconds += sum(2 * model.latency * tokens / (device.sms * kernels[name]["ctas_per_sm"])

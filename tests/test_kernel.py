@@ -144,6 +144,9 @@ def test_rows_whose_candidates_overflow_take_the_whole_row_select(dtype: torch.d
     target = torch.tensor([5, 7, 3, 1])  # the target tied at the threshold in rows 1-3
     assert_matches_torch_backend(logits, target, device, k=12, lambda_head=0.3, lambda_tail=-0.1)
     assert_matches_torch_backend(logits, target, device, k=40, lambda_head=0.3, lambda_tail=-0.1)  # > bf16's slots
+    # Rows of more than 64 blocks (pass R's block masks are 64 bits) take the whole-row select.
+    monkeypatch.setattr(triton_backend, "FORCED_BLOCK", 8)
+    assert_matches_torch_backend(logits, target, device, k=12, lambda_head=0.3, lambda_tail=-0.1)
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])

@@ -1,7 +1,7 @@
 """The kernels at the launch configuration a GPU will run, on LLM vocabularies.
 
 ``test_kernel`` runs 16-wide blocks so that short rows span many blocks; here the host's CUDA
-choice (``triton_backend.cuda_launch_config``: 16 KiB of logits per block, 8 KiB in the rank passes)
+choice (``triton_backend.cuda_launch_config``: 16 KiB of logits per block, 2048 logits in the rank backward)
 runs on a few rows of V = 128256 (Llama 3) and 50257 (GPT-2), whose last block is ragged, in every
 mode and both dtype families, with the inputs a training loop really passes: targets shifted by one
 (``labels[:, 1:]``, an int64 pointer 8 bytes off a 16-byte boundary), strided targets and logits,
@@ -96,3 +96,35 @@ def test_lane_width_follows_the_rows_alignment() -> None:
     assert lane(torch.empty(2, 50257, dtype=torch.bfloat16), 8192) == 8192  # V % 16 != 0
     assert lane(torch.empty(2, 128257)[:, 1:], 4096) == 4096  # rows 4 bytes off 16
     assert lane(torch.empty(2, 16, dtype=torch.bfloat16), 4) == 4  # never past BLOCK
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's loads and stores")
+@pytest.mark.parametrize("vocab", [128256, 50257])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["tail_penalty", "all"])
+def test_the_head_takes_two_passes_at_the_production_blocks(vocab: int, dtype: torch.dtype, mode: str) -> None:
+    """At the production BLOCK (1024 group slots per block) the floor is tight enough that an LLM's
+    row keeps its candidates (about k groups): passes A and R and a gather, never the whole-row
+    select (kernels/cross_entropy.py), whatever the row's alignment."""
+    from precision_ce import cross_entropy
+    from precision_ce.bench.traffic import measure_passes
+
+    logits = llm_logits(2, vocab, dtype, seed=7).requires_grad_()
+    target = random_targets(2, vocab, seed=7)
+    options = dict(MODES[mode])
+    traffic = measure_passes(lambda: cross_entropy(logits, target, **options, backend="triton"),
+                             lambda loss: loss.backward(), logits)
+    room = triton_backend.candidate_room(options["k"])
+    assert 2.0 + options["k"] / vocab <= traffic.forward_read <= 2.0 + (room * 8 + 2) / vocab
+    assert traffic.backward_read == traffic.backward_write == 1.0
+
+
+def test_a_head_over_unaligned_16_bit_rows_takes_narrow_blocks() -> None:
+    """triton_backend._online_pass_config: the forward with a head keeps the cross-entropy blocks
+    except over unaligned 16-bit rows (scalar loads), where 2048-wide blocks hold fewer registers."""
+    config = triton_backend._online_pass_config
+    bf16_unaligned, bf16 = torch.empty(2, 50257, dtype=torch.bfloat16), torch.empty(2, 128256, dtype=torch.bfloat16)
+    assert config(50257, bf16_unaligned, has_head=True) == {"BLOCK": 2048, "num_warps": 8, "LANE": 2048}
+    assert config(50257, bf16_unaligned)["BLOCK"] == 8192
+    assert config(128256, bf16, has_head=True) == {"BLOCK": 8192, "num_warps": 16, "LANE": 8}
+    assert config(50257, torch.empty(2, 50257), has_head=True)["BLOCK"] == 4096
