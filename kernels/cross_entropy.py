@@ -5,127 +5,41 @@ Forward (``generalised_ce_forward``), all in one launch, reading the row
         max m, s = sum e^(z-m), the same sum without the target (-> log(1 - pi_y)
         without cancellation), sum e^(z-m) (z-m) (-> sum_a pi_a log pi_a, the entropy) and, with
         label smoothing, sum c_a (z_a - m); with stats also the target's rank; with a head also
-        the slot maxima (the largest logit at each of the block's BLOCK positions), whose k-th
-        largest is a lower bound ("floor") of the k-th largest logit;
+        the slot maxima (the largest logit of each 16-byte group position of the block), whose
+        k-th largest is a lower bound ("floor") of the k-th largest logit;
     R   only with a head (lambda_head != lambda_tail and k < V, or return_stats="full"): the
         groups of a 16-byte load's logits that hold a logit >= the floor, "candidates" (about k
-        of them: the floor is at most a few slot collisions below the k-th largest), compacted in
-        index order into a small per-row buffer; the head K is among them, so the radix select of
-        the k-th largest logit and the sums over K take the candidates alone (a gather, no pass).
-        A row with more than CAP candidate groups (k > CAP / 2, many ties at the floor) takes the
-        radix select over the whole row instead: a histogram pass per digit (16-bit keys: 2,
-        fp32: 3) and a pass for the sums over K.
+        of them: the floor is a few slot collisions below the k-th largest), marked by a bit per
+        group position and block, then written once per row into a small per-row buffer; the
+        head K is among them, so the radix select of the k-th largest logit, of the last tie in
+        K, and the sums over K take the candidates alone (a gather, no pass).
+        A row with more than CAP candidate groups (k > CAP / 2, many ties at the floor, more than
+        64 blocks) takes the radix select over the whole row instead: a histogram pass per 8-bit
+        digit (16-bit keys: 2, fp32: 4) and a pass for the sums over K.
 and writes the row loss and the per-row state of the backward pass. No gradient is stored. An
 ignored row reads nothing of its logits.
 
 Backward (``generalised_ce_backward``) reads the row once more and writes the gradient once
 (an ignored row: zeros, unread), already multiplied by the incoming per-row gradient:
     g_j = pi_j (coef - scale * lambda_j) - smooth * c_j   (j != y),    g_y = grad_target,
-times dz/dx = 1 - tanh(x/s)**2 under softcap. See precision_ce/reference.py for the same
-formulas in PyTorch and docs/design.md for the pass and memory-traffic accounting.
+times dz/dx = 1 - tanh(x/s)**2 under softcap; with a head, lambda_j from two float compares
+against the threshold and the column of the last tie in K, both from the forward. See
+precision_ce/reference.py for the same formulas in PyTorch and docs/design.md for the pass and
+memory-traffic accounting.
 
 All arithmetic is fp32 whatever the logits' dtype; offsets are int64.
 """
 
-import torch
 import triton
 import triton.language as tl
+
+from .head import _collect_candidates, _float_of_key, _head_floor, _head_of_candidates, _head_of_row
+from .numerics import _exp, _expm1, _log1p, _softcap, _tanh
 
 # Globals a kernel reads must be tl.constexpr instances (an annotation is not enough).
 LN2 = tl.constexpr(0.6931471805599453)
 LOG_TINY = tl.constexpr(-103.27892990343185)  # log(2**-149), fp32's smallest subnormal
 LOG_WEIGHT_MAX = tl.constexpr(80.0)  # cap of log w_y (focal reward, beta < 0, pi_y -> 1)
-LOG2E = tl.constexpr(1.4426950408889634)
-# Compiled kernels take e^x from one ex2.approx.ftz (MUFU.EX2 after a multiply); tl.exp's
-# ex2.approx without .ftz adds a compare and two multiplies per element to keep subnormal results
-# (< 2**-126, ~1e-38). Flushed here: such a term changes no sum of the row (its max term is 1) and
-# no gradient beyond the flush. The interpreter and ROCm run no PTX: they take tl.exp.
-PTX_EXP = tl.constexpr(not triton.knobs.runtime.interpret and torch.version.hip is None)
-
-
-@triton.jit
-def _exp(x):
-    """e^x (fp32) for the per-element exponentials; subnormal results flushed to 0 when compiled."""
-    if PTX_EXP:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * LOG2E], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _log1p(x):
-    # Goldberg: log(1 + x) accurate for small x with plain log.
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
-def _expm1(x):
-    # Kahan: exp(x) - 1 accurate for small x with plain exp and log.
-    u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (u - 1.0) * (x / tl.log(u))))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)): no overflow, accurate near 0.
-    t = _expm1(-2.0 * tl.abs(x))
-    r = -t / (2.0 + t)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _softcap(x, softcap, HAS_SOFTCAP: tl.constexpr):
-    # -inf stays -inf: padding must keep probability 0, not become -softcap.
-    if HAS_SOFTCAP:
-        x = tl.where(x == float("-inf"), x, softcap * _tanh(x / softcap))
-    return x
-
-
-@triton.jit
-def _sortable_key(x_raw, KEY_BITS: tl.constexpr):
-    """Raw 16/32-bit floats -> int32 keys whose signed order is the order of the floats.
-
-    Negative floats reverse the order of their magnitude bits; -0.0 is first made +0.0, so equal
-    logits get equal keys and equal keys are equal logits.
-    """
-    if KEY_BITS == 16:
-        bits = x_raw.to(tl.int16, bitcast=True).to(tl.int32)
-    else:
-        bits = x_raw.to(tl.int32, bitcast=True)
-    sign: tl.constexpr = -(1 << (KEY_BITS - 1))
-    magnitude: tl.constexpr = (1 << (KEY_BITS - 1)) - 1
-    bits = tl.where(bits == sign, 0, bits)
-    return tl.where(bits < 0, bits ^ magnitude, bits)
-
-
-@triton.jit
-def _float_of_key(key, dtype: tl.constexpr, KEY_BITS: tl.constexpr):
-    """The inverse of ``_sortable_key``: the logit (as fp32) whose key is ``key``."""
-    magnitude: tl.constexpr = (1 << (KEY_BITS - 1)) - 1
-    bits = tl.where(key < 0, key ^ magnitude, key)
-    if KEY_BITS == 16:
-        bits = bits.to(tl.int16)
-    return bits.to(dtype, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _unsigned(key, KEY_BITS: tl.constexpr):
-    """Key -> its offset in [0, 2**KEY_BITS) (int32 bits; wrapping for 32-bit keys): digit order is key order."""
-    if KEY_BITS == 16:
-        return key + 32768
-    else:
-        return key ^ -2147483648
-
-
-@triton.jit
-def _signed(offset, KEY_BITS: tl.constexpr):
-    """The inverse of ``_unsigned``."""
-    if KEY_BITS == 16:
-        return offset - 32768
-    else:
-        return offset ^ -2147483648
 
 
 @triton.jit
@@ -161,8 +75,8 @@ def _online_pass(
     vector on aligned rows: its max stays in the thread, and without softcap it is the lanes' max.
 
     Per lane: the block is viewed as BLOCK // LANE lanes of LANE contiguous elements, and each lane
-    keeps its own running max and sums, rescaled by its own max; the lanes are combined once, after
-    the loop. With LANE = the elements of one thread's 16-byte load (the host's choice for aligned
+    keeps its own running max, sums (rescaled by its own max) and rank count; the lanes are
+    combined once, after the loop. With LANE = the elements of one thread's 16-byte load (the host's choice for aligned
     rows, where loads are vectorised) a lane lives in one thread, and the loop has no block
     reduction for them (warp shuffles, shared memory, barriers): one rescaling exponential per
     lane per block instead. LANE = BLOCK is one lane, a block reduction per block (the host's
@@ -174,7 +88,7 @@ def _online_pass(
     sum_exp_shifted = tl.zeros((LANES,), tl.float32)  # sum e^(z-m) (z-m); rescaled like sum_exp when m grows
     sum_c_shifted = tl.zeros((LANES,), tl.float32)  # sum c (z-m); shifted by the change of m times the classes seen
     c_seen = tl.zeros((LANES,), tl.float32)
-    ranked_above = 0
+    ranked_above = tl.zeros((LANES,), tl.int32)  # per lane, like the sums: no block reduction per block
     slot_max = tl.full((BLOCK // GROUP,), float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -207,7 +121,7 @@ def _online_pass(
             c_seen += tl.sum(c, 1)
         if HAS_STATS:  # the rank: ties before the target counted with those above it
             before = (x > x_target) | ((x == x_target) & (cols < target))
-            ranked_above += tl.sum((before & in_row).to(tl.int32), 0)
+            ranked_above += tl.sum(tl.reshape((before & in_row).to(tl.int32), (LANES, LANE)), 1)
         if HAS_HEAD:
             slot_max = tl.maximum(slot_max, tl.max(tl.reshape(x, (BLOCK // GROUP, GROUP)), 1))
         m = m_new
@@ -218,207 +132,7 @@ def _online_pass(
     total_shifted = tl.sum(factor * (sum_exp_shifted + shift * sum_exp), 0)
     total_c_shifted = tl.sum(sum_c_shifted + shift * c_seen, 0)
     return (row_max, tl.sum(factor * sum_exp, 0), tl.sum(factor * sum_exp_others, 0), total_shifted,
-            total_c_shifted, 1 + ranked_above, slot_max)
-
-
-@triton.jit
-def _radix_digit(key, selected, prefix, STEP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """Radix step STEP (0: the top digit) of a select on ``key``: each key's digit, and which keys
-    take part (those ``selected`` whose higher digits are the ``prefix`` chosen so far)."""
-    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
-    SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (STEP + 1) if STEP < PASSES - 1 else 0
-    offset = _unsigned(key, KEY_BITS)
-    if STEP > 0:
-        ABOVE: tl.constexpr = KEY_BITS - DIGIT_BITS * STEP
-        selected = selected & ((offset >> ABOVE) == (prefix >> ABOVE))
-    return (offset >> SHIFT) & ((1 << DIGIT_BITS) - 1), selected
-
-
-@triton.jit
-def _radix_choose(histogram, remaining, prefix, STEP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """Radix step STEP, given the histogram of its digits (``_radix_digit``): the digit of the key
-    ranked ``remaining``-th from the top; returns the prefix with it and the rank left within it.
-
-    Count from the top: the wanted digit is the largest d with >= remaining keys at digits >= d;
-    the keys at larger digits are all in K. After the last step the prefix is the key (an offset,
-    ``_unsigned``) and the rank left is how many keys equal to it are in K.
-    """
-    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
-    SHIFT: tl.constexpr = KEY_BITS - DIGIT_BITS * (STEP + 1) if STEP < PASSES - 1 else 0
-    bins = tl.arange(0, 1 << DIGIT_BITS)
-    at_or_above = tl.sum(histogram, 0) - tl.cumsum(histogram, 0) + histogram
-    chosen = tl.sum((at_or_above >= remaining).to(tl.int32), 0) - 1
-    remaining -= tl.sum(tl.where(bins > chosen, histogram, 0), 0)
-    return prefix | (chosen << SHIFT), remaining
-
-
-@triton.jit
-def _kth_largest(key, selected, k, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr):
-    """Radix select in registers: the k-th largest of the ``selected`` keys (k <= their number),
-    and how many keys equal to it are among the k largest."""
-    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
-    prefix = 0
-    remaining = k
-    for step in tl.static_range(PASSES):
-        digit, taking_part = _radix_digit(key, selected, prefix, step, KEY_BITS, DIGIT_BITS)
-        histogram = tl.histogram(digit, 1 << DIGIT_BITS, mask=taking_part)
-        prefix, remaining = _radix_choose(histogram, remaining, prefix, step, KEY_BITS, DIGIT_BITS)
-    return _signed(prefix, KEY_BITS), remaining
-
-
-@triton.jit
-def _head_floor(slot_max, k):
-    """A lower bound of the k-th largest logit: the k-th largest slot maximum (pass A), rounded
-    down to a 16-bit key (exact for 16-bit logits, the next lower 16-bit key for fp32).
-
-    The slots hold distinct logits, so >= k logits are >= it. -inf when there are fewer than k
-    slots, and where the rounded key is no float (the NaN bits next to -inf): every logit then."""
-    SLOTS: tl.constexpr = slot_max.shape[0]
-    key16 = _sortable_key(slot_max, 32) >> 16  # the top half of an order-preserving key keeps the order
-    key16, _ = _kth_largest(key16, key16 == key16, tl.minimum(k, SLOTS), 16, 8)
-    floor = _float_of_key(key16 << 16, tl.float32, 32)
-    return tl.where((k <= SLOTS) & (floor == floor), floor, float("-inf"))
-
-
-@triton.jit
-def _popcount(x):
-    """Set bits of each int64 (SWAR: the interpreter runs no libdevice popc)."""
-    x = x - ((x >> 1) & 0x5555555555555555)
-    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
-    return ((x * 0x0101010101010101) >> 56).to(tl.int32)
-
-
-@triton.jit
-def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BLOCK: tl.constexpr,
-                        GROUP: tl.constexpr):
-    """Pass R: the groups of GROUP contiguous logits that hold a logit >= ``floor`` (their first
-    columns) into ``candidates_ptr[:CAP]``; returns how many there are (only the first CAP are
-    written when there are more). At most 64 blocks per row (the caller's limit).
-
-    Groups, not logits: candidates are sparse (about k of V), and a group is one thread's vector
-    load on aligned rows. The loop only sets bits, in the thread that holds the group: bit b of
-    ``hits[g]`` says group g of block b holds a candidate. The groups are written after the loop,
-    with one scan per row: group position by group position, each position's blocks in order
-    (a fixed order, not the index order)."""
-    GROUPS: tl.constexpr = BLOCK // GROUP
-    positions = tl.arange(0, GROUPS) * GROUP
-    hits = tl.zeros((GROUPS,), tl.int64)
-    for start in range(0, V, BLOCK):
-        x_raw = tl.load(row_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < V,
-                        other=float("-inf"))
-        # The group's max in the logits' dtype (exact), one compare per group; a group past the row
-        # (all -inf) must not pass a floor of -inf.
-        hit = (tl.max(tl.reshape(x_raw, (GROUPS, GROUP)), 1).to(tl.float32) >= floor) & (start + positions < V)
-        hits |= hit.to(tl.int64) << (start // BLOCK)
-    counts = _popcount(hits)
-    slot = tl.cumsum(counts, 0) - counts
-    for start in range(0, V, BLOCK):
-        hit = ((hits >> (start // BLOCK)) & 1) != 0
-        tl.store(candidates_ptr + slot, start + positions, mask=hit & (slot < CAP))
-        slot += hit.to(tl.int32)
-    return tl.sum(counts, 0)
-
-
-@triton.jit
-def _head_terms(x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """A block's share of the sums over K (``in_head``): sum pi and sum pi log pi over K without
-    the target, and 1 if the target is in K (else 0)."""
-    log_p = (_softcap(x_raw.to(tl.float32), softcap, HAS_SOFTCAP) - row_max) - log_sum_exp
-    p = _exp(log_p)
-    counted = in_head & (cols != target) & (p > 0.0)
-    return (tl.sum(tl.where(counted, p, 0.0), 0), tl.sum(tl.where(counted, p * log_p, 0.0), 0),
-            tl.sum((in_head & (cols == target)).to(tl.int32), 0))
-
-
-@triton.jit
-def _head_of_candidates(
-    row_ptr, V, candidates_ptr, count, k, target, row_max, log_sum_exp, softcap,
-    CAP: tl.constexpr, GROUP: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-):
-    """The head K from pass R's ``count`` <= CAP groups (K is among their logits: the rest of the
-    row is below the floor): the threshold key (the k-th largest logit), the column of the last
-    logit equal to it in K, the mass of K and the sums over K without the target (``_head_terms``).
-    No pass over the row: a gather of CAP x GROUP logits.
-
-    K takes the ties at the threshold lowest column first; the candidates are not in index order,
-    so the last tie in K is found by a radix select on the ties' columns (the ties_in_head-th
-    smallest), which no order of the candidates changes."""
-    slots = tl.arange(0, CAP)
-    starts = tl.load(candidates_ptr + slots, mask=slots < count, other=V)
-    cols = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (CAP * GROUP,))
-    valid = cols < V
-    x_raw = tl.load(row_ptr + cols, mask=valid, other=0.0)
-    key = _sortable_key(x_raw, KEY_BITS)
-    threshold, ties_in_head = _kth_largest(key, valid, k, KEY_BITS, DIGIT_BITS)
-    tie = valid & (key == threshold)
-    minus_last_tie, _ = _kth_largest(-cols, tie, ties_in_head, 32, 8)
-    in_head = (valid & (key > threshold)) | (tie & (cols <= -minus_last_tie))
-    mass_others, plogp_others, target_in = _head_terms(
-        x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP)
-    return threshold, -minus_last_tie, mass_others, plogp_others, target_in
-
-
-@triton.jit
-def _head_of_row(
-    row_ptr, V, k, target, row_max, log_sum_exp, softcap,
-    BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-):
-    """``_head_of_candidates`` for a row whose candidates overflowed (ties at the floor, k > the
-    candidates' room): radix select over the whole row, a histogram pass per digit (16-bit keys:
-    2, fp32: 3), then a pass for the sums over K."""
-    PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
-    prefix = 0
-    remaining = k
-    for step in tl.static_range(PASSES):
-        histogram = tl.zeros((1 << DIGIT_BITS,), tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            in_row = cols < V
-            key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=0.0), KEY_BITS)
-            digit, taking_part = _radix_digit(key, in_row, prefix, step, KEY_BITS, DIGIT_BITS)
-            histogram += tl.histogram(digit, 1 << DIGIT_BITS, mask=taking_part)
-        prefix, remaining = _radix_choose(histogram, remaining, prefix, step, KEY_BITS, DIGIT_BITS)
-    threshold = _signed(prefix, KEY_BITS)
-    ties_seen = 0
-    mass_others = 0.0
-    plogp_others = 0.0
-    target_in = 0
-    last_tie = -1
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < V
-        x_raw = tl.load(row_ptr + cols, mask=in_row, other=0.0)
-        key = _sortable_key(x_raw, KEY_BITS)
-        tie = in_row & (key == threshold)
-        ties = tie.to(tl.int32)
-        tie_in = tie & (ties_seen + tl.cumsum(ties, 0) <= remaining)  # in index order: a running count
-        mass, plogp, own = _head_terms(x_raw, cols, (in_row & (key > threshold)) | tie_in, target, row_max,
-                                       log_sum_exp, softcap, HAS_SOFTCAP)
-        mass_others += mass
-        plogp_others += plogp
-        target_in += own
-        ties_seen += tl.sum(ties, 0)
-        last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
-    return threshold, last_tie, mass_others, plogp_others, target_in
-
-
-@triton.jit
-def _last_tie_in_head(row_ptr, V, threshold, ties_wanted, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Index of the last logit equal to the threshold key that is in K (the first ``ties_wanted``
-    of them in index order; -1: none), by a running tie count."""
-    ties_seen = 0
-    last_tie = -1
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_row = cols < V
-        key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=float("-inf")), KEY_BITS)
-        tie = in_row & (key == threshold)
-        tie_in = tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted)
-        last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
-        ties_seen += tl.sum(tie.to(tl.int32), 0)
-    return last_tie
+            total_c_shifted, 1 + tl.sum(ranked_above, 0), slot_max)
 
 
 @triton.jit

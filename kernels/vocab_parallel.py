@@ -21,7 +21,8 @@ top values, so H needs neither m nor log-sum-exp.
 import triton
 import triton.language as tl
 
-from .cross_entropy import _last_tie_in_head, _online_pass, _sortable_key
+from .cross_entropy import _online_pass
+from .head import _last_tie_in_head, _sortable_key
 
 PARTIAL_COLUMNS = tl.constexpr(6)
 """m_r, s_r, s_r without the target, sum e^(z - m_r)(z - m_r), sum c (z - m_r), logits before the target."""

@@ -89,10 +89,10 @@ def _online_pass_config(vocab: int, logits: torch.Tensor, has_head: bool = False
 
 
 def candidate_room(k: int) -> int:
-    """CAP of the forward with a head: room for 2k candidates (at least 64, at most 4096) per row.
+    """CAP of the forward with a head: room for 2k candidate groups (at least 64, at most 4096) a row.
 
-    Pass R keeps the logits at or above the floor (kernels/cross_entropy.py), about k plus a few
-    slot collisions and ties; a row with more takes the whole-row radix select instead."""
+    Pass R keeps the 16-byte groups holding logits at or above the floor (kernels/head.py): about
+    k, plus a few slot collisions and ties; a row with more takes the whole-row radix select."""
     return min(4096, max(64, triton.next_power_of_2(2 * k)))
 
 

@@ -105,7 +105,7 @@ def test_lane_width_follows_the_rows_alignment() -> None:
 def test_the_head_takes_two_passes_at_the_production_blocks(vocab: int, dtype: torch.dtype, mode: str) -> None:
     """At the production BLOCK (1024 group slots per block) the floor is tight enough that an LLM's
     row keeps its candidates (about k groups): passes A and R and a gather, never the whole-row
-    select (kernels/cross_entropy.py), whatever the row's alignment."""
+    select (kernels/head.py), whatever the row's alignment."""
     from precision_ce import cross_entropy
     from precision_ce.bench.traffic import measure_passes
 

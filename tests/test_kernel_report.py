@@ -52,6 +52,27 @@ def test_reduced_kernel_report(tmp_path) -> None:
     assert "| cross_entropy | bf16 | 4096 | 1.00 | 2.00 |" in table.stdout
 
 
+def test_loops_take_the_counted_passes_in_address_order() -> None:
+    """kernel_report.loop_weights: the share of rows that run each loop of a phase (imported in a
+    subprocess: the script compiles, so it refuses the interpreter)."""
+    check = """
+from kernel_report import loop_weights
+load = {"global_loads": ["LDG.E.128"], "global_stores": []}
+store = {"global_loads": [], "global_stores": ["STG.E"]}
+load_store = {"global_loads": ["LDG.E.128"], "global_stores": ["STG.E.128"]}
+# The forward with a head: A, R, the candidates' compaction (per-row scratch, every row), then
+# the whole-row select's loops, which no row ran (2.0 passes and a gather counted).
+assert loop_weights([load, load, store, load, load, load], 2.01, 0.0) == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+assert loop_weights([load, load, store, load], 0.0, 0.0) == [0.0] * 4  # every row ignored
+# The backward of half-ignored rows: the gradient loop, and the zeros loop for the rest.
+assert loop_weights([store, load_store], 0.5, 1.0) == [0.5, 0.5]
+"""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", check], env=env, cwd=SCRIPT.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_report_of_a_revision() -> None:
     # main's code measured with this checkout's tools (main has no bench/traffic.py of its own).
