@@ -92,7 +92,9 @@ def candidate_room(k: int) -> int:
     """CAP of the forward with a head: room for 2k candidate groups (at least 64, at most 4096) a row.
 
     Pass R keeps the 16-byte groups holding logits at or above the floor (kernels/head.py): about
-    k, plus a few slot collisions and ties; a row with more takes the whole-row radix select."""
+    k, plus a few slot collisions and ties; a row with more takes the whole-row radix select. The
+    select holds CAP x 8 (or 4) logits in registers: more registers as k grows (docs/design.md,
+    "Larger k"), and past k = 2048 every row takes the whole-row select."""
     return min(4096, max(64, triton.next_power_of_2(2 * k)))
 
 

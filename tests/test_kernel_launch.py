@@ -128,3 +128,10 @@ def test_a_head_over_unaligned_16_bit_rows_takes_narrow_blocks() -> None:
     assert config(50257, bf16_unaligned)["BLOCK"] == 8192
     assert config(128256, bf16, has_head=True) == {"BLOCK": 8192, "num_warps": 16, "LANE": 8}
     assert config(50257, torch.empty(2, 50257), has_head=True)["BLOCK"] == 4096
+
+
+@pytest.mark.parametrize("k", [1000, 5000])  # CAP 2048 groups; past the largest buffer (4096): whole-row select
+def test_large_heads_at_the_production_blocks(k: int, device: str) -> None:
+    logits = llm_logits(3, 128256, torch.bfloat16, seed=11)
+    target = random_targets(3, 128256, seed=11)
+    assert_matches_torch_backend(logits, target, device, k=k, lambda_head=0.2, lambda_tail=-0.1)
