@@ -144,8 +144,8 @@ def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BL
     positions = tl.arange(0, GROUPS) * GROUP
     hits = tl.zeros((GROUPS,), tl.int64)
     for start in range(0, V, BLOCK):
-        x_raw = tl.load(row_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < V,
-                        other=float("-inf"))
+        cols = start + tl.arange(0, BLOCK)
+        x_raw = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
         # The group's max in the logits' dtype (exact), one compare per group; a group past the row
         # (all -inf) must not pass a floor of -inf.
         hit = (tl.max(tl.reshape(x_raw, (GROUPS, GROUP)), 1).to(tl.float32) >= floor) & (start + positions < V)
@@ -182,8 +182,8 @@ def _head_of_candidates(
     No pass over the row: a gather of CAP x GROUP logits.
 
     K takes the ties at the threshold lowest column first; the candidates are not in index order,
-    so the last tie in K is found by a radix select on the ties' columns (the ties_in_head-th
-    smallest), which no order of the candidates changes."""
+    so where the ties straddle K the last tie in K is found by a radix select on the ties' columns
+    (the ties_in_head-th smallest), which no order of the candidates changes."""
     slots = tl.arange(0, CAP)
     starts = tl.load(candidates_ptr + slots, mask=slots < count, other=V)
     cols = tl.reshape(starts[:, None] + tl.arange(0, GROUP)[None, :], (CAP * GROUP,))
@@ -192,11 +192,14 @@ def _head_of_candidates(
     key = _sortable_key(x_raw, KEY_BITS)
     threshold, ties_in_head = _kth_largest(key, valid, k, KEY_BITS, DIGIT_BITS)
     tie = valid & (key == threshold)
-    minus_last_tie, _ = _kth_largest(-cols, tie, ties_in_head, 32, 8)
-    in_head = (valid & (key > threshold)) | (tie & (cols <= -minus_last_tie))
+    last_tie = tl.max(tl.where(tie, cols, -1), 0)
+    if ties_in_head < tl.sum(tie.to(tl.int32), 0):  # the ties straddle K (rare but for 16-bit logits)
+        minus_last_tie, _ = _kth_largest(-cols, tie, ties_in_head, 32, 8)
+        last_tie = -minus_last_tie
+    in_head = (valid & (key > threshold)) | (tie & (cols <= last_tie))
     mass_others, plogp_others, target_in = _head_terms(
         x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP)
-    return threshold, -minus_last_tie, mass_others, plogp_others, target_in
+    return threshold, last_tie, mass_others, plogp_others, target_in
 
 
 @triton.jit

@@ -173,6 +173,11 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-
 _LABEL = re.compile(r"^(\.L\w+):")
 
 
+def sass_instruction_count(sass: str) -> int:
+    """Instructions of a SASS listing, NOPs excluded."""
+    return sum(1 for line in sass.splitlines() if (match := _INSTRUCTION.search(line)) and match.group(2) != "NOP")
+
+
 def sass_loops(sass: str) -> list[dict[str, Any]]:
     """The outermost loops of a SASS listing (``nvdisasm``), in address order.
 
@@ -245,7 +250,8 @@ def ctas_per_sm(registers: int, warps: int, shared: int) -> int:
 
 
 def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, vocab: int, element_size: int,
-                 device: Device, model: Model, writes_logits: bool = True) -> tuple[float, str]:
+                 device: Device, model: Model, writes_logits: bool = True,
+                 extra_instructions: float = 0.0) -> tuple[float, str]:
     """Seconds of one loop of a launch over ``tokens`` rows if every row runs it, and what bounds it.
 
     ``iterations`` BLOCK-element iterations per SM; a program's iteration issues ``compute`` =
@@ -256,12 +262,14 @@ def loop_seconds(kernel: dict[str, Any], loop: dict[str, Any], tokens: int, voca
     max(resident x compute, latency / (S - 1)); a loop that only stores waits for nothing. The loop
     takes at least its bytes (a pass per load and per store) at the achieved bandwidth; its stores
     count only where the phase ``writes_logits`` (in the forward they go to per-row scratch).
+    ``extra_instructions``: issued per iteration beside the loop's own (the kernel's straight-line
+    code, spread over its iterations): issue slots that other programs' loads overlap.
     """
     warps, resident = kernel["num_warps"], kernel["ctas_per_sm"]
     iterations = tokens * math.ceil(vocab / kernel["BLOCK"]) / device.sms
     passes = bool(loop["global_loads"]) + (writes_logits and bool(loop["global_stores"]))
     floor = passes * tokens * vocab * element_size / (model.achieved_bandwidth * device.bandwidth)
-    compute = loop["instructions"] * warps / (model.schedulers_per_sm * model.clock)
+    compute = (loop["instructions"] + extra_instructions) * warps / (model.schedulers_per_sm * model.clock)
     if not loop["global_loads"]:
         wait = compute
     elif loop["cp_async"]:
@@ -306,7 +314,9 @@ def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, devi
 
     A phase: the sum over its kernels' loops of ``loop_seconds`` x ``loop_weights``, plus a row
     prologue per launch (the target, then its logit: two dependent loads, overlapped across the
-    resident programs); never less than its counted traffic at the achieved bandwidth.
+    resident programs); never less than its counted traffic at the achieved bandwidth. A kernel's
+    straight-line code (``row_instructions``, every arm counted once: an upper bound) is issued
+    once per row: spread over the iterations of the loops its rows run.
     ``bandwidth_fraction``: bytes moved / time / nominal bandwidth; ``fraction_of_limit``: 3 passes
     (one read forward, one read and one write backward) at nominal bandwidth / time.
     """
@@ -315,10 +325,14 @@ def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, devi
     out: dict[str, Any] = {}
     for phase in ("forward", "backward"):
         reads, writes = variant["traffic"][f"{phase}_read"], variant["traffic"][f"{phase}_write"]
-        loops = [(kernels[name], loop) for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
+        loops = [(name, loop) for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
+        weights = variant["loop_weights"][phase]
         seconds, bounds = 0.0, {}
-        for (kernel, loop), weight in zip(loops, variant["loop_weights"][phase], strict=True):
-            time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model, writes > 0)
+        for (name, loop), weight in zip(loops, weights, strict=True):
+            kernel = kernels[name]
+            running = sum(w for (other, _), w in zip(loops, weights, strict=True) if other == name)
+            extra = kernel["row_instructions"] / (running * math.ceil(vocab / kernel["BLOCK"])) if running else 0.0
+            time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model, writes > 0, extra)
             seconds += weight * time
             bounds[bound] = bounds.get(bound, 0.0) + weight * time
         seconds += sum(2 * model.latency * tokens / (device.sms * kernels[name]["ctas_per_sm"])
@@ -359,6 +373,8 @@ def kernel_summary(launch: Launch, dtype: str, vocab: int) -> tuple[str, dict[st
                    num_stages=compiled.metadata.num_stages, BLOCK=launch.kwargs["BLOCK"],
                    aligned_arguments=len([a for a in attrs.values() if a]),
                    loops=sass_loops(sass))
+    # Straight-line code, run once per row (every arm counted once: an upper bound).
+    summary["row_instructions"] = sass_instruction_count(sass) - sum(loop["instructions"] for loop in summary["loops"])
     summary["ctas_per_sm"] = ctas_per_sm(summary["registers"], summary["num_warps"], summary["shared_bytes"])
     for loop in summary["loops"]:
         loop["per_element"] = loop["instructions"] * 32 * summary["num_warps"] / summary["BLOCK"]
@@ -413,15 +429,15 @@ def _per_element(data: dict[str, Any], variant: dict[str, Any], phase: str) -> f
 def format_report(data: dict[str, Any]) -> str:
     """Two Markdown tables: the compiled kernels, and the variants with traffic and predictions."""
     lines = ["| kernel (sm_90, aligned) | regs | spill B | smem B | warps | BLOCK | CTAs/SM "
-             "| instructions per iteration (per element), by pass | cp.async | loads |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "| instructions per iteration (per element), by pass | per row, outside loops | cp.async | loads |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for name, kernel in data["kernels"].items():
         loops = ", ".join(f"{loop['instructions']} ({loop['per_element']:.1f})" for loop in kernel["loops"])
         loads = " ".join(sorted({load for loop in kernel["loops"] for load in loop["global_loads"]}))
         cp_async = "yes" if any(loop["cp_async"] for loop in kernel["loops"]) else "no"
         lines.append(f"| {name} | {kernel['registers']} | {kernel['spill_bytes']} | {kernel['shared_bytes']} "
-                     f"| {kernel['num_warps']} | {kernel['BLOCK']} | {kernel['ctas_per_sm']} | {loops} | {cp_async} "
-                     f"| {loads} |")
+                     f"| {kernel['num_warps']} | {kernel['BLOCK']} | {kernel['ctas_per_sm']} | {loops} "
+                     f"| {kernel['row_instructions']} | {cp_async} | {loads} |")
     devices = [device.name for device in DEVICES]
     last = devices[-1]
     lines += ["", f"Predicted for N = {data['tokens']} tokens, forward + backward; passes counted under the "
