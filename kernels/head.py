@@ -160,6 +160,14 @@ def _collect_candidates(row_ptr, V, floor, candidates_ptr, CAP: tl.constexpr, BL
 
 
 @triton.jit
+def _ties_in_head(tie, ties_seen, ties_wanted):
+    """Of a block's ties (logits equal to the threshold), those in K: the row's first ``ties_wanted``
+    in index order, ``ties_seen`` of them in earlier blocks. Returns them and the block's ties."""
+    ties = tie.to(tl.int32)
+    return tie & (ties_seen + tl.cumsum(ties, 0) <= ties_wanted), tl.sum(ties, 0)
+
+
+@triton.jit
 def _head_terms(x_raw, cols, in_head, target, row_max, log_sum_exp, softcap, HAS_SOFTCAP: tl.constexpr):
     """A block's share of the sums over K (``in_head``): sum pi and sum pi log pi over K without
     the target, and 1 if the target is in K (else 0)."""
@@ -208,8 +216,8 @@ def _head_of_row(
     BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, DIGIT_BITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """``_head_of_candidates`` for a row whose candidates overflowed (ties at the floor, k > the
-    candidates' room): radix select over the whole row, a histogram pass per digit (16-bit keys:
-    2, fp32: 3), then a pass for the sums over K."""
+    candidates' room): radix select over the whole row, a histogram pass per 8-bit digit (16-bit
+    keys: 2, fp32: 4), then a pass for the sums over K."""
     PASSES: tl.constexpr = (KEY_BITS + DIGIT_BITS - 1) // DIGIT_BITS
     prefix = 0
     remaining = k
@@ -233,15 +241,13 @@ def _head_of_row(
         in_row = cols < V
         x_raw = tl.load(row_ptr + cols, mask=in_row, other=0.0)
         key = _sortable_key(x_raw, KEY_BITS)
-        tie = in_row & (key == threshold)
-        ties = tie.to(tl.int32)
-        tie_in = tie & (ties_seen + tl.cumsum(ties, 0) <= remaining)  # in index order: a running count
+        tie_in, ties = _ties_in_head(in_row & (key == threshold), ties_seen, remaining)
         mass, plogp, own = _head_terms(x_raw, cols, (in_row & (key > threshold)) | tie_in, target, row_max,
                                        log_sum_exp, softcap, HAS_SOFTCAP)
         mass_others += mass
         plogp_others += plogp
         target_in += own
-        ties_seen += tl.sum(ties, 0)
+        ties_seen += ties
         last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
     return threshold, last_tie, mass_others, plogp_others, target_in
 
@@ -256,8 +262,7 @@ def _last_tie_in_head(row_ptr, V, threshold, ties_wanted, BLOCK: tl.constexpr, K
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < V
         key = _sortable_key(tl.load(row_ptr + cols, mask=in_row, other=float("-inf")), KEY_BITS)
-        tie = in_row & (key == threshold)
-        tie_in = tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted)
+        tie_in, ties = _ties_in_head(in_row & (key == threshold), ties_seen, ties_wanted)
         last_tie = tl.maximum(last_tie, tl.max(tl.where(tie_in, cols, -1), 0))
-        ties_seen += tl.sum(tie.to(tl.int32), 0)
+        ties_seen += ties
     return last_tie

@@ -42,9 +42,10 @@ def cuda_launch_config(vocab: int, element_size: int, rank: bool = False) -> dic
     backward of a rank mode (HAS_RANK)."""
     # 16 KiB of logits per block keeps loads wide; about 16 elements per thread keeps the block's
     # live values (x, z, e^z) in registers. The rank backward runs 2048-wide blocks over 8 warps:
-    # 32 registers and 8 programs per SM, where 8192 x 16 warps take 50 and 2 (predicted 6.97 vs
-    # 7.03 ms for bf16 tail_penalty at N 16384, V 128256; scripts/kernel_report.py). The forward
-    # with a head takes the cross-entropy blocks (predicted 6.97 vs 8.45 ms at 2048 x 8 warps).
+    # 32 registers and 8 programs per SM, where 8192 x 16 warps take 50 and 2 (bf16 tail_penalty
+    # at N 16384, V 128256, predicted by scripts/kernel_report.py: 4.63 vs 4.69 ms a step). The
+    # forward with a head takes the cross-entropy blocks (4.63 vs 6.80 ms at 2048 x 8 warps;
+    # fp32 8.24 vs 8.75), but over unaligned 16-bit rows (``head_takes_narrow_blocks``).
     # Untuned: no GPU has timed these choices yet.
     if rank:
         return {"BLOCK": min(2048, triton.next_power_of_2(vocab)), "num_warps": 8}
@@ -76,14 +77,17 @@ def lane_width(logits: torch.Tensor, block: int) -> int:
     return vector
 
 
-def _online_pass_config(vocab: int, logits: torch.Tensor, has_head: bool = False) -> dict[str, int]:
-    """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE.
+def head_takes_narrow_blocks(element_size: int, aligned: bool) -> bool:
+    """Whether a forward with a head takes the rank backward's 2048-wide blocks: over unaligned
+    16-bit rows (scalar loads, one lane), where 8192 x 16 warps need 128 registers, one program per
+    SM (predicted at V = 50257 by scripts/kernel_report.py: 2.12x the cross-entropy step against
+    3.07x); fp32 rows keep the wide blocks (1.69x against 2.15x)."""
+    return element_size == 2 and not aligned
 
-    A forward with a head over unaligned 16-bit rows (scalar loads, one lane) takes the rank
-    backward's 2048-wide blocks: 8192 x 16 warps need 128 registers there, one program per SM
-    (predicted at V = 50257: 2.13x the cross-entropy step against 2.79x; fp32 rows keep the wide
-    blocks, 1.59x against 2.05x; scripts/kernel_report.py --vocab 50257)."""
-    narrow = has_head and logits.element_size() == 2 and not _rows_aligned(logits)
+
+def _online_pass_config(vocab: int, logits: torch.Tensor, has_head: bool = False) -> dict[str, int]:
+    """The launch configuration of a kernel that runs the online pass: BLOCK, num_warps and LANE."""
+    narrow = has_head and head_takes_narrow_blocks(logits.element_size(), _rows_aligned(logits))
     config = _launch_config(vocab, logits, rank=narrow)
     return dict(config, LANE=lane_width(logits, config["BLOCK"]))
 

@@ -49,11 +49,12 @@ def argument_type(name: str, dtype: str) -> str:
 
 def compile_for_hopper(kernel, dtype: str, flags: dict[str, bool]):
     """Compile one variant at the host's CUDA launch config (``cuda_launch_config``)."""
-    # Compiled without alignment, i.e. for unaligned rows: a head over 16-bit ones takes the rank
-    # backward's blocks, as triton_backend._online_pass_config chooses.
+    element_size = 4 if dtype == "fp32" else 2
+    # Compiled without alignment, i.e. for unaligned rows, where a forward with a head may take the
+    # rank backward's blocks (the host's rule).
     narrow = flags.get("HAS_RANK") or (flags.get("HAS_HEAD") and kernel.__name__ == "generalised_ce_forward"
-                                       and dtype != "fp32")
-    launch = cuda_launch_config(1 << 17, 4 if dtype == "fp32" else 2, bool(narrow))  # a 128K vocabulary
+                                       and triton_backend.head_takes_narrow_blocks(element_size, aligned=False))
+    launch = cuda_launch_config(1 << 17, element_size, bool(narrow))  # a 128K vocabulary
     constexprs = dict(flags, BLOCK=launch["BLOCK"], KEY_BITS=32 if dtype == "fp32" else 16)
     if "CAP" in kernel.arg_names:
         constexprs["CAP"] = triton_backend.candidate_room(100)  # the presets' k

@@ -327,11 +327,14 @@ def predict(variant: dict[str, Any], kernels: dict[str, dict], tokens: int, devi
         reads, writes = variant["traffic"][f"{phase}_read"], variant["traffic"][f"{phase}_write"]
         loops = [(name, loop) for name in variant["kernels"][phase] for loop in kernels[name]["loops"]]
         weights = variant["loop_weights"][phase]
+        running = dict.fromkeys(variant["kernels"][phase], 0.0)  # per kernel: the loops its rows run
+        for (name, _), weight in zip(loops, weights, strict=True):
+            running[name] += weight
         seconds, bounds = 0.0, {}
         for (name, loop), weight in zip(loops, weights, strict=True):
             kernel = kernels[name]
-            running = sum(w for (other, _), w in zip(loops, weights, strict=True) if other == name)
-            extra = kernel["row_instructions"] / (running * math.ceil(vocab / kernel["BLOCK"])) if running else 0.0
+            extra = (kernel["row_instructions"] / (running[name] * math.ceil(vocab / kernel["BLOCK"]))
+                     if running[name] else 0.0)
             time, bound = loop_seconds(kernel, loop, tokens, vocab, element_size, device, model, writes > 0, extra)
             seconds += weight * time
             bounds[bound] = bounds.get(bound, 0.0) + weight * time
